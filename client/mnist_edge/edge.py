@@ -1,0 +1,272 @@
+"""The seam with Scaleout Edge: the train / validate / predict callbacks of the compute package.
+
+This is the only module that knows the client exists. It turns a ``ScaleoutModel`` into the
+CNN and back, reads the node's shards, forwards progress to ``client.log_metric``, lets the
+client abort a task between batches, and returns plain JSON values (the client drops or
+chokes on anything else).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from scaleout import ScaleoutModel
+from scaleoututil.helpers.helpers import get_helper
+
+from . import data, model, training
+from .settings import parse_settings
+
+log = logging.getLogger("mnist_edge")
+HELPER = get_helper("numpyhelper")
+PREDICT_PARAMETERS = ("data", "output")
+
+
+class PredictParameterError(ValueError):
+    """An inference task's parameters are not understood."""
+
+
+def configure_logging() -> None:
+    """Show this package's warnings (bad rows, missing test split) in the client's output."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s [mnist_edge] %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with numpy scalars, paths and non-finite floats made plain JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def params_from(scaleout_model: ScaleoutModel) -> list[np.ndarray]:
+    """The CNN's parameter list from a ScaleoutModel, checked against the architecture."""
+    params = scaleout_model.get_training_model(HELPER)
+    model.check_parameters(params, f"model {scaleout_model.model_id}")
+    return params
+
+
+def to_scaleout_model(params: list[np.ndarray]) -> ScaleoutModel:
+    return ScaleoutModel.from_training_model(params, HELPER)
+
+
+class EdgeTasks:
+    """The callbacks of one edge client; holds the CNN so rounds reuse its memory."""
+
+    def __init__(self, client: Any, data_dir: str | Path | None = None) -> None:
+        self.client = client
+        self._data_dir = Path(data_dir) if data_dir is not None else None
+        self.net = model.Net()
+        self.device = training.select_device()
+
+    @property
+    def data_dir(self) -> Path:
+        """Resolved per task: the client sets the working directory before calling back."""
+        return self._data_dir if self._data_dir is not None else data.data_dir_from_env()
+
+    def _load_model(self, scaleout_model: ScaleoutModel) -> None:
+        model.set_parameters(self.net, params_from(scaleout_model), f"model {scaleout_model.model_id}")
+
+    def _log_metrics(self, metrics: training.Metrics) -> None:
+        self.client.log_metric({k: float(v) for k, v in metrics.items()})
+
+    def train(self, scaleout_model: ScaleoutModel, client_settings: Mapping[str, Any] | None) -> tuple[ScaleoutModel, dict]:
+        """One round of local training; raises (task FAILED) on bad settings, model or data."""
+        settings = parse_settings(client_settings)
+        self._load_model(scaleout_model)
+        dataset = data.load_split(self.data_dir, "train")
+        result = training.train(
+            self.net,
+            dataset.images,
+            dataset.labels,
+            settings,
+            on_batch=self.client.check_task_abort,
+            on_metrics=self._log_metrics,
+            device=self.device,
+        )
+        metadata = {
+            "training_metadata": {
+                "num_examples": result.num_examples,
+                "epochs": settings.epochs,
+                "batch_size": settings.batch_size,
+                "learning_rate": settings.learning_rate,
+                "optimizer": settings.optimizer,
+                "precision": "bf16" if training.use_bf16(settings.precision, self.device) else "fp32",
+                "seed": settings.seed,
+            },
+            "training_loss": result.training_loss,
+            "training_accuracy": result.training_accuracy,
+            "rows_skipped": dataset.rows_skipped,
+            "duplicate_image_ids": dataset.duplicate_image_ids,
+            "data_fingerprint": dataset.fingerprint,
+        }
+        log.info("trained %d images for %d epoch(s): loss %.4f, accuracy %.4f",
+                 result.num_examples, settings.epochs, result.training_loss, result.training_accuracy)
+        return to_scaleout_model(model.get_parameters(self.net)), json_safe(metadata)
+
+    def validate(self, scaleout_model: ScaleoutModel) -> dict:
+        """Loss and accuracy on the local train and test shards (train only if no test split)."""
+        self._load_model(scaleout_model)
+        check = self.client.check_task_abort
+        train_set = data.load_split(self.data_dir, "train")
+        train_loss, train_acc = training.evaluate(self.net, train_set.images, train_set.labels, self.device, check)
+        metrics: dict[str, Any] = {
+            "training_loss": train_loss,
+            "training_accuracy": train_acc,
+            "num_train_examples": len(train_set),
+        }
+        if data.has_split(self.data_dir, "test"):
+            test_set = data.load_split(self.data_dir, "test")
+            test_loss, test_acc = training.evaluate(self.net, test_set.images, test_set.labels, self.device, check)
+            metrics.update(test_loss=test_loss, test_accuracy=test_acc, num_test_examples=len(test_set))
+        else:
+            log.info("%s has no test split: reporting training metrics as test metrics", self.data_dir)
+            metrics.update(test_loss=train_loss, test_accuracy=train_acc, num_test_examples=0)
+        return json_safe(metrics)
+
+    def _predict_location(self, params: Mapping[str, Any]) -> Path:
+        choice = str(params.get("data", "predict"))
+        if choice in ("predict", "test", "train"):
+            return data.split_location(self.data_dir, choice)
+        return Path(choice)
+
+    def predict(self, scaleout_model: ScaleoutModel, params: Mapping[str, Any] | None) -> dict:
+        """Predict every row of the predict shards into ``image_id,label,confidence`` CSV."""
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(PREDICT_PARAMETERS))
+        if unknown:
+            raise PredictParameterError(
+                f"unknown inference parameter {unknown[0]!r}; accepted: {', '.join(PREDICT_PARAMETERS)}"
+            )
+        self._load_model(scaleout_model)
+        dataset = data.load_dataset(self._predict_location(params), labels_required=False)
+        predicted, confidence = training.predict(self.net, dataset.images, self.device, self.client.check_task_abort)
+        output = Path(params.get("output") or self.data_dir / "predictions" / f"{scaleout_model.model_id}.csv")
+        write_predictions(output, dataset.image_ids, predicted, confidence)
+        summary: dict[str, Any] = {
+            "model_id": scaleout_model.model_id,
+            "count": len(predicted),
+            "output": str(output),
+            "rows_skipped": dataset.rows_skipped,
+        }
+        labelled = dataset.labels != data.NO_LABEL
+        if labelled.any():
+            summary["accuracy"] = float((predicted[labelled] == dataset.labels[labelled]).mean())
+            summary["labelled"] = int(labelled.sum())
+        summary = json_safe(summary)
+        # scaleout 1.0.7 drops the callback's return value: attributes are what reaches the server.
+        self.client.log_attributes({f"prediction_{k}": json.dumps(v) if not isinstance(v, str) else v
+                                    for k, v in summary.items()})
+        log.info("predicted %d images into %s", len(predicted), output)
+        return summary
+
+
+def write_predictions(path: Path, image_ids: np.ndarray, predicted: np.ndarray, confidence: np.ndarray) -> Path:
+    """The prediction-result schema: ``image_id,label,confidence`` (label = predicted digit)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["image_id", "label", "confidence"])
+        writer.writerows(zip(image_ids.tolist(), predicted.tolist(), np.round(confidence, 6).tolist()))
+    return path
+
+
+def register(client: Any, data_dir: str | Path | None = None) -> EdgeTasks:
+    """Register train, validate and predict on an ``EdgeClient``; returns the task object."""
+    configure_logging()
+    tasks = EdgeTasks(client, data_dir)
+    client.set_train_callback(tasks.train)
+    client.set_validate_callback(tasks.validate)
+    client.set_inference_callback(tasks.predict)
+    return tasks
+
+
+# -- running the callbacks in-process (tests, local federation, demo) ----------------------------
+
+
+class LocalRuntime:
+    """An in-process ``EdgeClientRuntime``: records what the callbacks report, never connects.
+
+    It lets the real ``EdgeClient`` (and so the exact callbacks ``startup.py`` registers) run
+    without a server: the local federation, the demo and the tests all drive it.
+    """
+
+    def __init__(self) -> None:
+        self.metrics: list[dict] = []
+        self.attributes: list[dict] = []
+
+    def send_metric(self, metrics: dict, model_id: str, step: int, round_id: str, session_id: str) -> bool:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
+            raise TypeError(f"log_metric takes plain numbers only, got {metrics!r}")
+        self.metrics.append({"metrics": dict(metrics), "model_id": model_id, "step": step, "round_id": round_id})
+        return True
+
+    def send_attributes(self, attributes: dict) -> bool:
+        if not all(isinstance(v, str) for v in attributes.values()):
+            raise TypeError(f"log_attributes takes string values only, got {attributes!r}")
+        self.attributes.append(dict(attributes))
+        return True
+
+    def send_telemetry(self, telemetry: dict) -> bool:
+        return True
+
+    def check_task_abort(self) -> None:
+        return None
+
+    def get_model_from_combiner(self, model_id: str) -> ScaleoutModel:
+        raise LookupError(f"model {model_id} is not available in-process")
+
+    def connect_to_api(self, url, json=None, token=None, token_refresh_callback=None):
+        raise NotImplementedError("LocalRuntime does not connect to a server")
+
+    def init_grpchandler(self, config, token=None, url=None, token_refresh_callback=None) -> bool:
+        raise NotImplementedError("LocalRuntime does not connect to a server")
+
+    def run(self, with_heartbeat: bool = False, with_polling: bool = True) -> None:
+        raise NotImplementedError("LocalRuntime has no event loop")
+
+    def get_access_token(self) -> None:
+        return None
+
+
+def local_client(data_dir: str | Path, runtime: Any | None = None, workdir: str | Path | None = None):
+    """A real ``scaleout.EdgeClient`` on ``runtime`` with this package's callbacks registered.
+
+    ``EdgeClient`` creates ``./.model_cache``; it is made in ``workdir`` (default: ``data_dir``).
+    """
+    import contextlib
+
+    from scaleout import EdgeClient
+
+    with contextlib.chdir(workdir or data_dir):
+        client = EdgeClient(runtime=runtime or LocalRuntime())
+    register(client, Path(data_dir).resolve())
+    return client
+
+
+def run_task(client: Any, task: str, *args: Any, model_id: str = "", round_id: str = "local") -> Any:
+    """Call one registered callback the way the client does: inside a logging context."""
+    from scaleout.client.logging_context import LoggingContext
+
+    callback = {"train": client.train_callback, "validate": client.validate_callback,
+                "predict": client.inference_callback}[task]
+    with client.logging_context(LoggingContext(model_id=model_id, round_id=round_id, session_id="local")):
+        return callback(*args)

@@ -1,0 +1,137 @@
+"""The "Basic MNIST Example" CNN and its parameters as the federation sees them.
+
+The federation moves a model as a list of float32 numpy arrays in ``state_dict()`` order
+(the numpyhelper format). Everything that converts between that list, the torch module and
+files on disk lives here, with the shape checks, so no other module guesses at the layout.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PARAMETER_COUNT = 1_199_882
+"""Number of trainable scalars in :class:`Net`."""
+
+
+class ModelFileError(ValueError):
+    """A model file or parameter list does not hold this CNN."""
+
+
+class Net(nn.Module):
+    """pytorch/examples mnist/main.py ``Net``: 2 conv, max-pool, 2 dropout, 2 linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = self.dropout2(x)
+        x = self.fc2(x)
+        return F.log_softmax(x, dim=1)
+
+
+def expected_shapes() -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes, in ``state_dict()`` order."""
+    return {name: tuple(t.shape) for name, t in Net().state_dict().items()}
+
+
+_SHAPES = expected_shapes()
+
+
+def new_model(seed: int = 0) -> Net:
+    """A freshly initialised CNN; the same seed gives bit-identical weights."""
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return Net()
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def get_parameters(net: nn.Module) -> list[np.ndarray]:
+    """The module's weights as float32 arrays in ``state_dict()`` order (copies, on the CPU)."""
+    return [t.detach().to("cpu", torch.float32).numpy().copy() for t in net.state_dict().values()]
+
+
+def check_parameters(params: list[np.ndarray], source: str = "parameters") -> None:
+    """Raise :class:`ModelFileError` with expected-vs-got unless ``params`` fit :class:`Net`."""
+    if len(params) != len(_SHAPES):
+        raise ModelFileError(
+            f"{source}: expected {len(_SHAPES)} parameter arrays for the MNIST CNN, got {len(params)}"
+        )
+    for index, ((name, shape), array) in enumerate(zip(_SHAPES.items(), params)):
+        got = tuple(np.shape(array))
+        if got != shape:
+            raise ModelFileError(f"{source}: array {index} ({name}) expected shape {shape}, got {got}")
+        if not np.issubdtype(np.asarray(array).dtype, np.number):
+            raise ModelFileError(f"{source}: array {index} ({name}) is not numeric ({np.asarray(array).dtype})")
+
+
+def set_parameters(net: nn.Module, params: list[np.ndarray], source: str = "parameters") -> None:
+    """Load a parameter list into ``net`` after checking count and shapes."""
+    check_parameters(params, source)
+    state = {name: torch.from_numpy(np.asarray(a, dtype=np.float32)) for name, a in zip(_SHAPES, params)}
+    net.load_state_dict(state, strict=True)
+
+
+def parameters_to_state_dict(params: list[np.ndarray], source: str = "parameters") -> dict[str, torch.Tensor]:
+    """A plain PyTorch state_dict for the CNN (what ``torch.save`` writes to ``.pth``)."""
+    check_parameters(params, source)
+    return {name: torch.from_numpy(np.asarray(a, dtype=np.float32).copy()) for name, a in zip(_SHAPES, params)}
+
+
+def save_npz(params: list[np.ndarray], path: str | Path) -> Path:
+    """Write ``params`` as a numpyhelper npz (keys "0".."7"), byte-identical for equal input.
+
+    ``np.savez`` stamps each zip entry with the current time; fixing the timestamp makes two
+    builds of the same seed produce the same bytes, so a seed can be checked by its hash.
+    """
+    check_parameters(params, str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for index, array in enumerate(params):
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+            entry = zipfile.ZipInfo(f"{index}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            entry.external_attr = 0o644 << 16
+            archive.writestr(entry, buffer.getvalue())
+    return path
+
+
+def load_npz(path: str | Path) -> list[np.ndarray]:
+    """Read a seed/global ``.npz`` (no pickle) and check it holds this CNN."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = sorted(archive.files, key=lambda k: int(k) if k.isdigit() else -1)
+            if not all(k.isdigit() for k in keys):
+                raise ModelFileError(f"{path}: expected arrays named 0..{len(_SHAPES) - 1}, got {archive.files}")
+            params = [archive[k] for k in keys]
+    except ModelFileError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile) as error:
+        raise ModelFileError(f"{path}: not a numpy .npz parameter file without pickles ({error})") from error
+    check_parameters(params, str(path))
+    return [np.asarray(a, dtype=np.float32) for a in params]

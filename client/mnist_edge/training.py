@@ -1,0 +1,183 @@
+"""Train, evaluate and predict loops: plain torch on uint8 image arrays, no scaleout import.
+
+The edge callbacks, the local simulation and the standalone commands all call these, so
+the learning code exists once. Hooks (``on_batch``, ``on_metrics``) let the caller check for
+task abort and report progress without this module knowing who is listening.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .settings import TrainSettings
+
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+LOG_EVERY_BATCHES = 50
+EVAL_BATCH = 1000
+
+Metrics = dict[str, float]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one local training run did; loss and accuracy are over its last epoch."""
+
+    num_examples: int
+    epochs: int
+    training_loss: float
+    training_accuracy: float
+    batches: int
+
+
+def select_device() -> torch.device:
+    """CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """True only where the hardware computes bfloat16 natively (checked, not guessed)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve the ``precision`` setting: ``auto`` means bf16 where native, fp32 elsewhere."""
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    return bf16_supported(device)
+
+
+def to_input(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, 28, 28) -> normalised float32 (B, 1, 28, 28) on ``device``."""
+    x = images_u8.to(device, non_blocking=True).unsqueeze(1).float()
+    return x.mul_(1.0 / (255.0 * MNIST_STD)).sub_(MNIST_MEAN / MNIST_STD)
+
+
+def make_optimizer(name: str, params, learning_rate: float) -> torch.optim.Optimizer:
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=learning_rate)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=learning_rate)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def train(
+    net: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    settings: TrainSettings,
+    on_batch: Callable[[], None] | None = None,
+    on_metrics: Callable[[Metrics], None] | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train ``net`` in place for ``settings.epochs`` epochs, reshuffling every epoch.
+
+    ``on_batch`` runs before every batch (abort checks raise from there, so training stops
+    at once); ``on_metrics`` gets the running ``training_loss``/``training_accuracy`` every
+    ``LOG_EVERY_BATCHES`` batches and at the end of every epoch.
+    """
+    device = device or select_device()
+    net.to(device).train()
+    optimizer = make_optimizer(settings.optimizer, net.parameters(), settings.learning_rate)
+    generator = torch.Generator()
+    if settings.seed is not None:
+        generator.manual_seed(settings.seed)
+        torch.manual_seed(settings.seed)  # dropout masks
+    else:
+        generator.seed()
+    bf16 = use_bf16(settings.precision, device)
+    x_all = torch.from_numpy(np.ascontiguousarray(images))
+    y_all = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+    n = len(y_all)
+    batches = 0
+    loss_sum, correct, seen = 0.0, 0, 0
+    for _epoch in range(settings.epochs):
+        order = torch.randperm(n, generator=generator)
+        loss_sum, correct, seen = 0.0, 0, 0
+        window_loss, window_correct, window_seen = 0.0, 0, 0
+        for start in range(0, n, settings.batch_size):
+            if on_batch is not None:
+                on_batch()
+            index = order[start : start + settings.batch_size]
+            x = to_input(x_all[index], device)
+            y = y_all[index].to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                output = net(x)
+            loss = F.nll_loss(output.float(), y)
+            loss.backward()
+            optimizer.step()
+            batches += 1
+            batch_loss = loss.item() * len(y)
+            batch_correct = int((output.argmax(1) == y).sum())
+            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(y)
+            window_loss, window_correct, window_seen = (
+                window_loss + batch_loss, window_correct + batch_correct, window_seen + len(y)
+            )
+            if on_metrics is not None and batches % LOG_EVERY_BATCHES == 0:
+                on_metrics({"training_loss": window_loss / window_seen, "training_accuracy": window_correct / window_seen})
+                window_loss, window_correct, window_seen = 0.0, 0, 0
+        if on_metrics is not None:
+            on_metrics({"training_loss": loss_sum / seen, "training_accuracy": correct / seen})
+    return TrainResult(n, settings.epochs, loss_sum / max(seen, 1), correct / max(seen, 1), batches)
+
+
+@torch.no_grad()
+def _outputs(net: nn.Module, images: np.ndarray, device: torch.device, on_batch: Callable[[], None] | None):
+    net.to(device).eval()
+    x_all = torch.from_numpy(np.ascontiguousarray(images))
+    for start in range(0, len(x_all), EVAL_BATCH):
+        if on_batch is not None:
+            on_batch()
+        yield start, net(to_input(x_all[start : start + EVAL_BATCH], device)).float()
+
+
+def evaluate(
+    net: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    device: torch.device | None = None,
+    on_batch: Callable[[], None] | None = None,
+) -> tuple[float, float]:
+    """Mean negative log-likelihood and accuracy of ``net`` on labelled images."""
+    device = device or select_device()
+    y_all = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+    loss_sum, correct = 0.0, 0
+    for start, output in _outputs(net, images, device, on_batch):
+        y = y_all[start : start + len(output)].to(device)
+        loss_sum += F.nll_loss(output, y, reduction="sum").item()
+        correct += int((output.argmax(1) == y).sum())
+    n = max(len(y_all), 1)
+    return loss_sum / n, correct / n
+
+
+def predict(
+    net: nn.Module,
+    images: np.ndarray,
+    device: torch.device | None = None,
+    on_batch: Callable[[], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted digit and its probability for every image."""
+    device = device or select_device()
+    predicted, confidence = [], []
+    for _start, output in _outputs(net, images, device, on_batch):
+        best = output.max(1)
+        predicted.append(best.indices.cpu().numpy())
+        confidence.append(best.values.exp().cpu().numpy())
+    if not predicted:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    return np.concatenate(predicted), np.concatenate(confidence)

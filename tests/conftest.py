@@ -1,0 +1,67 @@
+"""Shared fixtures: real MNIST images (the offline 5k subset) written as real shard files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_edge import data
+from mnist_edge.prepare import load_mnist5k
+
+REPO = Path(__file__).resolve().parents[1]
+CLIENT_DIR = REPO / "client"
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (5000, 28, 28), labels int64) — 500 real MNIST images per digit."""
+    return load_mnist5k()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_shard_cache():
+    """Each test starts cold so cache behaviour never leaks between tests."""
+    data.clear_cache()
+    yield
+    data.clear_cache()
+
+
+@pytest.fixture(scope="session")
+def seed_path(tmp_path_factory) -> Path:
+    """The seed model made by the real ``scaleout run build -p client``."""
+    out = tmp_path_factory.mktemp("seed")
+    subprocess.run(
+        [str(VENV_BIN / "scaleout"), "run", "build", "-p", str(CLIENT_DIR)],
+        cwd=out, env={**os.environ, "SCALEOUT_BUILD_OUTPUT_DIR": str(out)},
+        check=True, capture_output=True, text=True, timeout=120,
+    )
+    path = out / "seed.npz"
+    assert path.is_file(), "scaleout run build wrote no seed.npz"
+    return path
+
+
+def make_node(root: Path, images: np.ndarray, labels: np.ndarray, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """A node's data directory with ``train/`` and ``test/`` shards drawn from real images."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    train, test = order[:n_train], order[n_train : n_train + n_test]
+    data.write_shard(root / "train" / "shard-000.csv", images[train], labels[train], train)
+    data.write_shard(root / "test" / "shard-000.csv", images[test], labels[test], test)
+    return root
+
+
+@pytest.fixture
+def node_dir(tmp_path, mnist5k) -> Path:
+    """A small node: 1,000 train and 300 test real MNIST images."""
+    images, labels = mnist5k
+    return make_node(tmp_path / "node", images, labels, 1000, 300)
+
+
+__all__ = ["make_node", "REPO", "CLIENT_DIR", "VENV_BIN", "shutil"]
