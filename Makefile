@@ -2,7 +2,8 @@
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
-SEED   := seed/seed.npz
+SEED_DIR ?= seed
+SEED   := $(SEED_DIR)/seed.npz
 DEMO   := demo
 
 .PHONY: venv demo test seed package bench clean
@@ -19,8 +20,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # scaleout 1.0.7's `run build` exits 0 even when build() raises: check the file instead.
 seed: venv
-	rm -f $(SEED)
-	SCALEOUT_BUILD_OUTPUT_DIR=seed $(VENV)/bin/scaleout run build -p client
+	-rm -f $(SEED)
+	SCALEOUT_BUILD_OUTPUT_DIR=$(SEED_DIR) $(VENV)/bin/scaleout run build -p client
 	@test -s $(SEED) || { echo "error: build did not write $(SEED) (see the log above)"; exit 1; }
 
 package: venv

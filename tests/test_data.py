@@ -1,0 +1,216 @@
+"""The shard reader: real MNIST images written as raw and PNG base64, then every bad-row case."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnist_edge import data
+from mnist_edge.data import DataError
+
+HEADER = "image_id,label,image,start_datetime,end_datetime,location"
+
+
+def b64_raw(pixels: np.ndarray) -> str:
+    return base64.b64encode(pixels.astype(np.uint8).tobytes()).decode()
+
+
+def b64_png(pixels: np.ndarray, mode: str = "L", size: tuple[int, int] = (28, 28)) -> str:
+    image = Image.fromarray(pixels.astype(np.uint8), mode="L").resize(size).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def write(path, lines: list[str], newline: str = "\n") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(newline.join(lines).encode() + newline.encode())
+
+
+def test_raw_and_png_rows_decode_to_the_original_pixels(tmp_path, mnist5k):
+    images, labels = mnist5k
+    lines = [HEADER]
+    for i in range(6):
+        encoded = b64_raw(images[i]) if i % 2 == 0 else b64_png(images[i])
+        lines.append(f"{100 + i},{labels[i]},{encoded},2024-01-01,2024-01-02,lab")
+    write(tmp_path / "s.csv", lines)
+    shard = data.read_shard(tmp_path / "s.csv")
+    assert shard.rows_skipped == 0
+    np.testing.assert_array_equal(shard.images, images[:6])
+    np.testing.assert_array_equal(shard.labels, labels[:6])
+    np.testing.assert_array_equal(shard.image_ids, np.arange(100, 106))
+    assert shard.images.dtype == np.uint8 and shard.images.shape == (6, 28, 28)
+
+
+def test_column_order_extra_columns_crlf_and_bom(tmp_path, mnist5k):
+    images, labels = mnist5k
+    lines = ["location,image,extra,label,image_id"]
+    lines += [f"site-{i},{b64_raw(images[i])},x,{labels[i]},{i}" for i in range(4)]
+    path = tmp_path / "crlf.csv"
+    write(path, lines, newline="\r\n")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    shard = data.read_shard(path)
+    assert shard.rows_skipped == 0
+    np.testing.assert_array_equal(shard.images, images[:4])
+    np.testing.assert_array_equal(shard.labels, labels[:4])
+
+
+def test_png_in_other_modes_is_converted_to_grayscale(tmp_path, mnist5k):
+    images, labels = mnist5k
+    write(tmp_path / "rgb.csv", [HEADER, f"1,{labels[0]},{b64_png(images[0], mode='RGB')},,,"])
+    shard = data.read_shard(tmp_path / "rgb.csv")
+    np.testing.assert_array_equal(shard.images[0], images[0])
+
+
+def test_write_shard_round_trips(tmp_path, mnist5k):
+    images, labels = mnist5k
+    for fmt in ("raw", "png"):
+        path = data.write_shard(tmp_path / f"{fmt}.csv", images[:50], labels[:50], np.arange(50) * 3, fmt=fmt)
+        shard = data.read_shard(path)
+        np.testing.assert_array_equal(shard.images, images[:50])
+        np.testing.assert_array_equal(shard.image_ids, np.arange(50) * 3)
+
+
+BAD_ROWS = [
+    ("not-base64", "7", "!!!not base64!!!", "not valid base64"),
+    ("short", "7", None, "has 100 bytes, expected 784"),
+    ("bad-png", "7", base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10).decode(), "not a decodable PNG"),
+    ("png-size", "7", "PNG32", "PNG is 32x32, expected 28x28"),
+    ("label-missing", "", "GOOD", "label is missing"),
+    ("label-text", "seven", "GOOD", "label 'seven' is not an integer 0-9"),
+    ("label-range", "10", "GOOD", "label 10 is out of range 0-9"),
+    ("label-float", "7.0", "GOOD", "label '7.0' is not an integer 0-9"),
+    ("id-text", "7", "GOOD", "image_id 'abc' is not an integer"),
+]
+
+
+@pytest.mark.parametrize("case,label,image,reason", BAD_ROWS, ids=[c[0] for c in BAD_ROWS])
+def test_each_bad_row_is_skipped_with_file_line_and_reason(tmp_path, mnist5k, case, label, image, reason):
+    images, labels = mnist5k
+    good = b64_raw(images[0])
+    image = {"GOOD": good, "PNG32": b64_png(images[0], size=(32, 32)), None: b64_raw(images[0][:4, :25])}.get(
+        image, image
+    )
+    image_id = "abc" if case == "id-text" else "2"
+    write(tmp_path / "bad.csv", [HEADER, f"1,{labels[0]},{good},,,", f"{image_id},{label},{image},,,",
+                                 f"3,{labels[0]},{good},,,"])
+    shard = data.read_shard(tmp_path / "bad.csv")
+    assert len(shard.labels) == 2 and shard.rows_skipped == 1
+    np.testing.assert_array_equal(shard.image_ids, [1, 3])
+    bad = shard.bad_rows[0]
+    assert (bad.path, bad.line) == (str(tmp_path / "bad.csv"), 3)
+    assert reason in bad.reason
+    assert f"bad.csv:3: " in str(bad)
+
+
+def test_row_with_too_few_fields_is_skipped(tmp_path, mnist5k):
+    images, labels = mnist5k
+    write(tmp_path / "s.csv", [HEADER, "1,2", f"2,{labels[0]},{b64_raw(images[0])},,,"])
+    shard = data.read_shard(tmp_path / "s.csv")
+    assert shard.rows_skipped == 1 and "row has 2 fields" in shard.bad_rows[0].reason
+
+
+def test_predict_shards_may_leave_labels_empty(tmp_path, mnist5k):
+    images, _ = mnist5k
+    write(tmp_path / "p.csv", [HEADER, f"1,,{b64_raw(images[0])},,,", f"2,,{b64_raw(images[1])},,,"])
+    with pytest.raises(DataError, match="no valid rows"):
+        data.load_dataset(tmp_path / "p.csv", labels_required=True)
+    dataset = data.load_dataset(tmp_path / "p.csv", labels_required=False)
+    assert list(dataset.labels) == [data.NO_LABEL] * 2 and not dataset.has_labels
+
+
+def test_first_ten_bad_rows_are_logged_and_all_are_counted(tmp_path, mnist5k, caplog):
+    images, labels = mnist5k
+    lines = [HEADER] + [f"{i},{labels[i]},###,,," for i in range(25)]
+    lines += [f"{i},{labels[i]},{b64_raw(images[i])},,," for i in range(25, 30)]
+    write(tmp_path / "train" / "s.csv", lines)
+    with caplog.at_level(logging.WARNING, logger="mnist_edge"):
+        dataset = data.load_split(tmp_path, "train")
+    assert len(dataset) == 5 and dataset.rows_skipped == 25
+    row_warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped row")]
+    assert len(row_warnings) == 10
+    assert row_warnings[0].startswith(f"skipped row {tmp_path / 'train' / 's.csv'}:2: image is not valid base64")
+    assert any("15 more rows skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_duplicate_image_ids_are_reported(tmp_path, mnist5k, caplog):
+    images, labels = mnist5k
+    write(tmp_path / "d.csv", [HEADER] + [f"{i % 3},{labels[i]},{b64_raw(images[i])},,," for i in range(5)])
+    with caplog.at_level(logging.WARNING, logger="mnist_edge"):
+        dataset = data.load_dataset(tmp_path / "d.csv")
+    assert dataset.duplicate_image_ids == 2 and len(dataset) == 5
+    assert any("2 rows repeat an image_id" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "empty file, expected a header row"),
+        (b"image_id,label,start_datetime\n1,2,x\n", "missing required column 'image' (header has: image_id, label"),
+        (b"image_id,label,image\n1,2,\xff\xfe\n", "not UTF-8 text"),
+    ],
+    ids=["empty", "missing-column", "binary"],
+)
+def test_unusable_files_fail_naming_the_path(tmp_path, content, message):
+    path = tmp_path / "broken.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as error:
+        data.load_dataset(path)
+    assert str(path) in str(error.value) and message in str(error.value)
+
+
+def test_missing_and_empty_locations_fail_naming_the_path(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path / 'data' / 'train'}: no such file or directory"):
+        data.load_split(tmp_path / "data", "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no \\*.csv shards"):
+        data.load_dataset(tmp_path / "empty")
+
+
+def test_unreadable_file_fails_naming_the_path(tmp_path):
+    path = tmp_path / "shard.csv"
+    path.mkdir()  # unreadable as a file, even for root
+    with pytest.raises(DataError, match=f"{path}: cannot read shard"):
+        data.read_shard(path)
+
+
+def test_a_split_may_be_a_single_csv_file(tmp_path, mnist5k):
+    images, labels = mnist5k
+    data.write_shard(tmp_path / "train.csv", images[:10], labels[:10])
+    assert len(data.load_split(tmp_path, "train")) == 10
+
+
+def test_directory_of_shards_is_combined_with_one_fingerprint(tmp_path, mnist5k):
+    images, labels = mnist5k
+    data.write_shard(tmp_path / "a" / "0.csv", images[:30], labels[:30])
+    data.write_shard(tmp_path / "a" / "1.csv", images[30:50], labels[30:50], np.arange(30, 50))
+    (tmp_path / "a" / "notes.txt").write_text("not a shard")
+    dataset = data.load_dataset(tmp_path / "a")
+    assert len(dataset) == 50 and [p.name for p in dataset.files] == ["0.csv", "1.csv"]
+    np.testing.assert_array_equal(dataset.images, images[:50])
+    # Same contents elsewhere -> same fingerprint; one changed pixel -> another fingerprint.
+    data.write_shard(tmp_path / "b" / "0.csv", images[:30], labels[:30])
+    data.write_shard(tmp_path / "b" / "1.csv", images[30:50], labels[30:50], np.arange(30, 50))
+    assert data.load_dataset(tmp_path / "b").fingerprint == dataset.fingerprint
+    changed = images[30:50].copy()
+    changed[0, 0, 0] ^= 1
+    data.write_shard(tmp_path / "b" / "1.csv", changed, labels[30:50], np.arange(30, 50))
+    assert data.load_dataset(tmp_path / "b").fingerprint != dataset.fingerprint
+
+
+def test_cache_reuses_decoded_shards_until_a_file_changes(tmp_path, mnist5k):
+    images, labels = mnist5k
+    path = data.write_shard(tmp_path / "train" / "s.csv", images[:20], labels[:20])
+    first = data.load_split(tmp_path, "train")
+    assert data.load_split(tmp_path, "train") is first
+    assert data.cached_shard(path, True)[1] is False
+    data.write_shard(path, images[:25], labels[:25])
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    second = data.load_split(tmp_path, "train")
+    assert second is not first and len(second) == 25

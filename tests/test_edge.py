@@ -1,0 +1,215 @@
+"""startup.py and the callbacks, driven through a real scaleout.EdgeClient with an injected runtime.
+
+The package is loaded the way ``scaleout client start`` loads it (ImporterPackageRuntime), so
+these tests see the same sys.path and working-directory conditions as a real node.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from scaleout import EdgeClient, ScaleoutModel
+from scaleout.client.importer_package_runtime import ImporterPackageRuntime
+from scaleout.client.logging_context import LoggingContext
+from scaleout.client.task_receiver import StoppedException
+
+from conftest import CLIENT_DIR
+
+from mnist_edge import data, edge, model
+from mnist_edge.model import ModelFileError
+from mnist_edge.settings import SettingsError
+
+
+class RecordingRuntime(edge.LocalRuntime):
+    """The in-process runtime, plus an abort raised at a chosen abort check (like the server's)."""
+
+    def __init__(self, abort_at_check: int | None = None) -> None:
+        super().__init__()
+        self.abort_at_check = abort_at_check
+        self.checks = 0
+
+    def check_task_abort(self) -> None:
+        self.checks += 1
+        if self.abort_at_check is not None and self.checks >= self.abort_at_check:
+            raise StoppedException("Aborted by server")
+
+
+@pytest.fixture
+def started(tmp_path, monkeypatch, node_dir):
+    """A client started from a copy of client/ exactly as `scaleout client start` does it."""
+    package = tmp_path / "package"
+    shutil.copytree(CLIENT_DIR, package, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("SCALEOUT_DATA_DIR", str(node_dir))
+    runtime = RecordingRuntime()
+    client = EdgeClient(runtime=runtime)
+    package_runtime = ImporterPackageRuntime(None, None)
+    assert package_runtime.load_local_compute_package(str(package))
+    path_before = list(sys.path)
+    assert package_runtime.run_startup(client)
+    assert sys.path == path_before and str(package) not in sys.path
+    return client, runtime
+
+
+def seed_model(seed_path) -> ScaleoutModel:
+    return ScaleoutModel.from_training_model(model.load_npz(seed_path), edge.HELPER)
+
+
+def call(client: EdgeClient, callback, *args):
+    with client.logging_context(LoggingContext(model_id="m", round_id="r1", session_id="s")):
+        return callback(*args)
+
+
+def test_startup_registers_train_validate_and_predict(started):
+    client, _ = started
+    assert client.train_callback is not None
+    assert client.validate_callback is not None
+    assert client.inference_callback is not None
+
+
+@pytest.mark.slow
+def test_one_local_epoch_raises_test_accuracy_on_real_mnist(started, seed_path, node_dir):
+    client, runtime = started
+    seed = seed_model(seed_path)
+    before = call(client, client.validate_callback, seed)
+    updated, meta = call(client, client.train_callback, seed, {"epochs": 1, "seed": 1})
+    after = call(client, client.validate_callback, updated)
+
+    assert before["test_accuracy"] < 0.3
+    assert after["test_accuracy"] > 0.75 and after["test_accuracy"] > before["test_accuracy"] + 0.4
+    assert after["num_train_examples"] == 1000 and after["num_test_examples"] == 300
+    assert set(after) == {"training_loss", "training_accuracy", "test_loss", "test_accuracy",
+                          "num_train_examples", "num_test_examples"}
+    json.dumps(after, allow_nan=False)
+
+    assert isinstance(updated, ScaleoutModel)
+    assert [p.shape for p in updated.get_training_model(edge.HELPER)] == list(model.expected_shapes().values())
+    assert meta["training_metadata"] == {"num_examples": 1000, "epochs": 1, "batch_size": 64, "learning_rate": 1.0,
+                                         "optimizer": "adadelta", "precision": meta["training_metadata"]["precision"],
+                                         "seed": 1}
+    assert meta["data_fingerprint"] == data.load_split(node_dir, "train").fingerprint
+    assert meta["rows_skipped"] == 0 and 0 < meta["training_accuracy"] <= 1
+    json.dumps(meta, allow_nan=False)
+
+    # 1000 images / 64 = 16 batches: an abort check before every batch, metrics at batch 50 (none) and epoch end.
+    assert runtime.checks >= 16
+    logged = [m["metrics"] for m in runtime.metrics]
+    assert logged and set(logged[-1]) == {"training_loss", "training_accuracy"}
+    assert all(m["round_id"] == "r1" for m in runtime.metrics)
+
+
+def test_metrics_are_logged_every_50_batches_and_every_epoch(started, seed_path, node_dir, mnist5k):
+    client, runtime = started
+    images, labels = mnist5k
+    shutil.rmtree(node_dir / "train")
+    data.write_shard(node_dir / "train" / "small.csv", images[:100], labels[:100])
+    call(client, client.train_callback, seed_model(seed_path), {"epochs": 2, "batch_size": 2})
+    # 50 batches per epoch -> logs at batch 50 and epoch end, at batch 100 and epoch end
+    assert len(runtime.metrics) == 4
+    assert all(type(v) is float for m in runtime.metrics for v in m["metrics"].values())
+    assert [m["step"] for m in runtime.metrics] == list(range(4))
+
+
+def test_abort_stops_training_at_once_and_returns_nothing(started, seed_path):
+    client, runtime = started
+    runtime.abort_at_check = 3
+    result = None
+    with pytest.raises(StoppedException):
+        result = call(client, client.train_callback, seed_model(seed_path), {"batch_size": 10})
+    assert result is None
+    assert runtime.checks == 3  # no batch ran after the abort check that raised
+
+
+def test_bad_settings_fail_the_task_naming_the_key(started, seed_path):
+    client, _ = started
+    for settings, key in [({"epochs": 0}, "'epochs'"), ({"optimizer": "rmsprop"}, "'optimizer'"),
+                          ({"lr": 0.1}, "unknown setting 'lr'")]:
+        with pytest.raises(SettingsError, match=key):
+            call(client, client.train_callback, seed_model(seed_path), settings)
+
+
+def test_model_of_the_wrong_shape_fails_with_expected_vs_got(started):
+    client, _ = started
+    params = model.get_parameters(model.Net())
+    params[6] = np.zeros((5, 128), dtype=np.float32)
+    wrong = ScaleoutModel.from_training_model(params, edge.HELPER)
+    with pytest.raises(ModelFileError, match=r"fc2.weight\) expected shape \(10, 128\), got \(5, 128\)"):
+        call(client, client.train_callback, wrong, {})
+    with pytest.raises(ModelFileError, match="expected 8 parameter arrays"):
+        call(client, client.validate_callback, ScaleoutModel.from_training_model(params[:3], edge.HELPER))
+
+
+def test_bad_rows_are_counted_in_the_train_result(started, seed_path, node_dir):
+    client, _ = started
+    shard = node_dir / "train" / "shard-000.csv"
+    with open(shard, "a", newline="") as handle:
+        handle.write("9999,12,AAAA,,,\n9998,3,not-an-image,,,\n")
+    _, meta = call(client, client.train_callback, seed_model(seed_path), {})
+    assert meta["rows_skipped"] == 2 and meta["training_metadata"]["num_examples"] == 1000
+
+
+def test_missing_data_dir_fails_naming_the_path(started, seed_path, monkeypatch, tmp_path):
+    client, _ = started
+    monkeypatch.setenv("SCALEOUT_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(data.DataError, match=f"{tmp_path / 'nowhere' / 'train'}: no such file or directory"):
+        call(client, client.train_callback, seed_model(seed_path), {})
+
+
+def test_data_dir_defaults_to_data_in_the_working_directory(started, seed_path, node_dir, monkeypatch):
+    client, _ = started
+    monkeypatch.delenv("SCALEOUT_DATA_DIR")
+    shutil.copytree(node_dir, "data")
+    metrics = call(client, client.validate_callback, seed_model(seed_path))
+    assert metrics["num_train_examples"] == 1000
+
+
+def test_validate_without_test_split_reports_training_metrics(started, seed_path, node_dir, caplog):
+    client, _ = started
+    shutil.rmtree(node_dir / "test")
+    with caplog.at_level(logging.INFO, logger="mnist_edge"):
+        metrics = call(client, client.validate_callback, seed_model(seed_path))
+    assert metrics["test_accuracy"] == metrics["training_accuracy"] and metrics["num_test_examples"] == 0
+    assert any("has no test split" in r.getMessage() for r in caplog.records)
+
+
+def read_predictions(path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predict_writes_one_row_per_image_and_reports_attributes(started, seed_path, node_dir, mnist5k):
+    client, runtime = started
+    images, labels = mnist5k
+    data.write_shard(node_dir / "predict" / "p.csv", images[:37], np.full(37, data.NO_LABEL), np.arange(500, 537))
+    seed = seed_model(seed_path)
+    summary = call(client, client.inference_callback, seed, {})
+    out = node_dir / "predictions" / f"{seed.model_id}.csv"
+    rows = read_predictions(out)
+    assert [r["image_id"] for r in rows] == [str(i) for i in range(500, 537)]
+    assert all(0 <= int(r["label"]) <= 9 and 0 < float(r["confidence"]) <= 1 for r in rows)
+    assert summary == {"model_id": seed.model_id, "count": 37, "output": str(out), "rows_skipped": 0}
+    assert runtime.attributes[-1] == {"prediction_model_id": seed.model_id, "prediction_count": "37",
+                                      "prediction_output": str(out), "prediction_rows_skipped": "0"}
+
+
+def test_predict_on_labelled_test_split_with_output_override(started, seed_path, tmp_path):
+    client, runtime = started
+    out = tmp_path / "elsewhere" / "p.csv"
+    summary = call(client, client.inference_callback, seed_model(seed_path), {"data": "test", "output": str(out)})
+    assert summary["count"] == 300 == len(read_predictions(out)) and summary["labelled"] == 300
+    assert 0 <= summary["accuracy"] <= 1
+    assert all(isinstance(v, str) for v in runtime.attributes[-1].values())
+
+
+def test_predict_rejects_unknown_parameters(started, seed_path):
+    client, _ = started
+    with pytest.raises(edge.PredictParameterError, match="unknown inference parameter 'split'"):
+        call(client, client.inference_callback, seed_model(seed_path), {"split": "test"})

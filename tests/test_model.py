@@ -1,0 +1,78 @@
+"""The CNN and its parameter list: architecture, round trips, shape checks, byte-stable files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mnist_edge import model
+from mnist_edge.model import ModelFileError
+
+
+def test_architecture_matches_the_pytorch_example():
+    net = model.Net()
+    assert sum(p.numel() for p in net.parameters()) == model.PARAMETER_COUNT == 1_199_882
+    assert list(model.expected_shapes().items()) == [
+        ("conv1.weight", (32, 1, 3, 3)), ("conv1.bias", (32,)),
+        ("conv2.weight", (64, 32, 3, 3)), ("conv2.bias", (64,)),
+        ("fc1.weight", (128, 9216)), ("fc1.bias", (128,)),
+        ("fc2.weight", (10, 128)), ("fc2.bias", (10,)),
+    ]
+    out = net.eval()(torch.zeros(2, 1, 28, 28))
+    assert out.shape == (2, 10)
+    torch.testing.assert_close(out.exp().sum(1), torch.ones(2))  # log_softmax
+
+
+def test_parameters_round_trip_through_a_fresh_module():
+    source = model.new_model(seed=3)
+    params = model.get_parameters(source)
+    assert len(params) == 8 and all(p.dtype == np.float32 for p in params)
+    target = model.new_model(seed=4)
+    model.set_parameters(target, params)
+    for a, b in zip(source.state_dict().values(), target.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_same_seed_same_weights_and_rng_state_untouched():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a, b = model.get_parameters(model.new_model(7)), model.get_parameters(model.new_model(7))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert torch.rand(1) == expected_next
+
+
+def test_wrong_count_or_shape_fails_with_expected_vs_got():
+    params = model.get_parameters(model.Net())
+    with pytest.raises(ModelFileError, match="expected 8 parameter arrays for the MNIST CNN, got 7"):
+        model.set_parameters(model.Net(), params[:7])
+    params[4] = np.zeros((64, 9216), dtype=np.float32)
+    with pytest.raises(ModelFileError, match=r"array 4 \(fc1.weight\) expected shape \(128, 9216\), got \(64, 9216\)"):
+        model.set_parameters(model.Net(), params, source="model abc")
+
+
+def test_npz_is_byte_identical_and_loads_with_numpyhelper(tmp_path):
+    from scaleoututil.helpers.helpers import get_helper
+
+    params = model.get_parameters(model.new_model(0))
+    first = model.save_npz(params, tmp_path / "a.npz").read_bytes()
+    second = model.save_npz(params, tmp_path / "b.npz").read_bytes()
+    assert first == second
+    loaded = get_helper("numpyhelper").load(str(tmp_path / "a.npz"))
+    assert all(np.array_equal(x, y) for x, y in zip(loaded, params))
+    assert all(np.array_equal(x, y) for x, y in zip(model.load_npz(tmp_path / "a.npz"), params))
+
+
+def test_load_npz_rejects_pickles_and_foreign_files(tmp_path):
+    import pickle
+
+    disguised = tmp_path / "model.npz"
+    disguised.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    with pytest.raises(ModelFileError, match="not a numpy .npz parameter file without pickles"):
+        model.load_npz(disguised)
+    np.savez(tmp_path / "other.npz", w=np.zeros(3))
+    with pytest.raises(ModelFileError, match="expected arrays named 0..7"):
+        model.load_npz(tmp_path / "other.npz")
+    with pytest.raises(ModelFileError, match="no such model file"):
+        model.load_npz(tmp_path / "missing.npz")
