@@ -1,5 +1,5 @@
 # Every target installs what it needs: a fresh machine with Python 3.11 and make is enough.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 SEED_DIR ?= seed
@@ -11,16 +11,15 @@ DEMO   := demo
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=/path/to/python3.11)"; exit 1; }
+	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 on PATH (set PYTHON=/path/to/python3.11)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 # scaleout 1.0.7's `run build` exits 0 even when build() raises: check the file instead.
 seed: venv
-	-rm -f $(SEED)
+	rm -f $(SEED)
 	SCALEOUT_BUILD_OUTPUT_DIR=$(SEED_DIR) $(VENV)/bin/scaleout run build -p client
 	@test -s $(SEED) || { echo "error: build did not write $(SEED) (see the log above)"; exit 1; }
 
