@@ -185,7 +185,7 @@ def write_predictions(path: Path, image_ids: np.ndarray, predicted: np.ndarray, 
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["image_id", "label", "confidence"])
-        writer.writerows(zip(image_ids.tolist(), predicted.tolist(), np.round(confidence, 6).tolist()))
+        writer.writerows(zip(image_ids.tolist(), predicted.tolist(), np.round(confidence.astype(np.float64), 6).tolist()))
     return path
 
 

@@ -135,3 +135,85 @@ def load_npz(path: str | Path) -> list[np.ndarray]:
         raise ModelFileError(f"{path}: not a numpy .npz parameter file without pickles ({error})") from error
     check_parameters(params, str(path))
     return [np.asarray(a, dtype=np.float32) for a in params]
+
+
+# -- PyTorch .pth files and telling model files apart -------------------------------------------
+
+_NOT_A_MODEL = (
+    "expected a numpy .npz (zip of .npy arrays) or a PyTorch .pth (torch.save zip); other pickles are refused"
+)
+
+
+def model_file_kind(path: str | Path) -> str:
+    """``"npz"`` or ``"pth"``, decided by the file's content, not its name.
+
+    Both formats are zip archives: an npz holds only ``.npy`` entries, ``torch.save`` writes a
+    ``data.pkl`` entry. Anything else (a bare pickle renamed ``.npz``, a legacy torch file)
+    is refused before any loader sees it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ModelFileError(f"{path}: not a model file, {_NOT_A_MODEL} ({error})") from None
+    if names and all(name.endswith(".npy") for name in names):
+        return "npz"
+    if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+        return "pth"
+    raise ModelFileError(f"{path}: a zip archive but not a model file, {_NOT_A_MODEL} (entries {names[:4]})")
+
+
+def state_dict_to_parameters(state: object, source: str = "state_dict") -> list[np.ndarray]:
+    """The parameter list of a plain PyTorch state_dict, after checking names and shapes."""
+    if not isinstance(state, dict):
+        kind = type(state).__name__
+        raise ModelFileError(f"{source}: expected a state_dict (a dict of tensors), got {kind}")
+    missing = [name for name in _SHAPES if name not in state]
+    unexpected = [str(name) for name in state if name not in _SHAPES]
+    if missing or unexpected:
+        raise ModelFileError(
+            f"{source}: state_dict does not match the MNIST CNN"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; unexpected {unexpected[:5]}" if unexpected else "")
+        )
+    for name in _SHAPES:
+        if not isinstance(state[name], torch.Tensor):
+            raise ModelFileError(f"{source}: {name} is a {type(state[name]).__name__}, expected a tensor")
+        got = tuple(state[name].shape)
+        if got != _SHAPES[name]:
+            raise ModelFileError(f"{source}: {name} expected shape {_SHAPES[name]}, got {got}")
+    return [state[name].detach().to("cpu", torch.float32).numpy().copy() for name in _SHAPES]
+
+
+def save_pth(params: list[np.ndarray], path: str | Path) -> Path:
+    """Write ``params`` as a plain state_dict that ``Net().load_state_dict`` accepts."""
+    state = parameters_to_state_dict(params, str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def load_pth(path: str | Path) -> list[np.ndarray]:
+    """Read a ``.pth`` state_dict with ``weights_only=True`` (no code runs) and check it."""
+    import pickle  # for its exception type only: torch's restricted unpickler does the reading
+
+    path = Path(path)
+    if model_file_kind(path) != "pth":
+        raise ModelFileError(f"{path}: is a numpy .npz parameter file, expected a PyTorch .pth state_dict")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelFileError(
+            f"{path}: not a state_dict that loads with weights_only=True ({first_line})"
+        ) from None
+    return state_dict_to_parameters(state, str(path))
+
+
+def load_model_file(path: str | Path) -> list[np.ndarray]:
+    """The CNN's parameters from a ``.npz`` or a ``.pth``, whichever the content is."""
+    return load_npz(path) if model_file_kind(path) == "npz" else load_pth(path)

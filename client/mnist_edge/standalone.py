@@ -1,0 +1,182 @@
+"""``train``, ``predict``, ``export``, ``import``: the same CNN and shards outside Scaleout.
+
+A data platform's module or a pipeline step works with plain files: CSV shards in, a PyTorch
+``.pth`` state_dict (plus ``<stem>.xdata-meta.json``) or a prediction CSV out. ``export`` and
+``import`` move a model between the federation's ``.npz`` and plain PyTorch. The shard reader,
+the settings rules and the training loops are the ones the edge callbacks use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from . import data, model, training
+from .model import ModelFileError
+from .settings import TrainSettings, parse_settings
+
+MODEL_KIND = "mnist"
+META_SUFFIX = ".xdata-meta.json"
+DEFAULT_MODEL_NAME = "mnist.pth"
+DEFAULT_RESULT_NAME = "result.csv"
+_DESCRIBE = {"npz": "numpy .npz parameter file", "pth": "PyTorch .pth state_dict"}
+_SUFFIXES = {"npz": (".npz",), "pth": (".pth", ".pt")}
+
+
+def output_path(given: str, default_name: str) -> Path:
+    """``given``, or ``given/default_name`` when it names a directory (a pipeline's ``/pfs/out``)."""
+    path = Path(given)
+    if path.is_dir() or given.endswith(("/", "\\")):
+        return path / default_name
+    return path
+
+
+def meta_path(model_path: Path) -> Path:
+    """``<dir>/<stem>.xdata-meta.json``: the metadata file the data platform reads beside a model."""
+    return model_path.with_name(model_path.stem + META_SUFFIX)
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    """A tqdm bar on a terminal; silent when stderr is a file or pipe (platform logs)."""
+    return tqdm(total=total, desc=desc, unit="batch", disable=None, leave=False)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _save(params: list[np.ndarray], path: Path) -> Path:
+    """``.npz`` (the federation's format) by name, a ``.pth`` state_dict otherwise."""
+    return model.save_npz(params, path) if path.suffix.lower() == ".npz" else model.save_pth(params, path)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the CNN on one dataset and write the model and its metadata."""
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainSettings)}
+    settings = parse_settings({key: value for key, value in flags.items() if value is not None})
+    out = output_path(args.model, DEFAULT_MODEL_NAME)
+    net = model.new_model(settings.seed if settings.seed is not None else 0)
+    if args.init:
+        model.set_parameters(net, model.load_model_file(args.init), args.init)
+    dataset = data.load_dataset(args.dataset, labels_required=True)
+    device = training.select_device()
+    batches = settings.epochs * math.ceil(len(dataset) / settings.batch_size)
+    with _progress(batches, "train") as bar:
+        result = training.train(net, dataset.images, dataset.labels, settings, on_batch=bar.update,
+                                on_metrics=bar.set_postfix, device=device)
+    _save(model.get_parameters(net), out)
+    meta: dict[str, Any] = {
+        "model_kind": MODEL_KIND,
+        "model_file": out.name,
+        "num_examples": result.num_examples,
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
+        "learning_rate": settings.learning_rate,
+        "optimizer": settings.optimizer,
+        "seed": settings.seed,
+        "precision": "bf16" if training.use_bf16(settings.precision, device) else "fp32",
+        "init": args.init,
+        "data_fingerprint": dataset.fingerprint,
+        "rows_skipped": dataset.rows_skipped,
+        "duplicate_image_ids": dataset.duplicate_image_ids,
+        "training_loss": _finite(result.training_loss),
+        "training_accuracy": _finite(result.training_accuracy),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    meta_path(out).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    print(f"trained {result.num_examples} images for {settings.epochs} epoch(s): "
+          f"training_loss {result.training_loss:.4f}, training_accuracy {result.training_accuracy:.4f}"
+          + (f" ({dataset.rows_skipped} rows skipped)" if dataset.rows_skipped else ""))
+    print(f"wrote {out} and {meta_path(out)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict every row of a dataset into ``image_id,label,confidence`` CSV."""
+    from .edge import write_predictions  # edge imports scaleout: only load it when predicting
+
+    net = model.Net()
+    model.set_parameters(net, model.load_model_file(args.model), args.model)
+    dataset = data.load_dataset(args.dataset, labels_required=False)
+    with _progress(math.ceil(len(dataset) / training.EVAL_BATCH), "predict") as bar:
+        predicted, confidence = training.predict(net, dataset.images, on_batch=bar.update)
+    result = output_path(args.result, DEFAULT_RESULT_NAME)
+    write_predictions(result, dataset.image_ids, predicted, confidence)
+    print(f"predicted {len(predicted)} images into {result}"
+          + (f" ({dataset.rows_skipped} rows skipped)" if dataset.rows_skipped else ""))
+    labelled = dataset.labels != data.NO_LABEL
+    if labelled.any():
+        accuracy = float((predicted[labelled] == dataset.labels[labelled]).mean())
+        print(f"accuracy {accuracy:.4f} on {int(labelled.sum())} labelled images")
+    return 0
+
+
+def convert(source: str, out: str, source_kind: str, out_kind: str, command: str) -> Path:
+    """Read a model of ``source_kind``, write it as ``out_kind``; refuse the other way round."""
+    kind = model.model_file_kind(source)
+    if kind != source_kind:
+        other = "import" if command == "export" else "export"
+        raise ModelFileError(f"{source}: is a {_DESCRIBE[kind]}, '{command}' reads a "
+                             f"{_DESCRIBE[source_kind]} ('{other}' converts the other way)")
+    target = Path(out)
+    if target.suffix.lower() in _SUFFIXES[source_kind]:
+        raise ModelFileError(f"{target}: '{command}' writes a {_DESCRIBE[out_kind]}, "
+                             f"not a {target.suffix} file")
+    params = model.load_model_file(source)
+    written = (model.save_pth if out_kind == "pth" else model.save_npz)(params, target)
+    count = sum(p.size for p in params)
+    print(f"wrote {written} ({_DESCRIBE[out_kind]}, {count:,} parameters) from {source}")
+    return written
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    convert(args.source, args.out, "npz", "pth", "export")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    convert(args.source, args.out, "pth", "npz", "import")
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register ``train``, ``predict``, ``export`` and ``import`` on the CLI's subparsers."""
+    defaults = TrainSettings()
+    p = commands.add_parser("train", help="train the CNN on a CSV shard or directory; write a .pth")
+    p.add_argument("--model", required=True, metavar="OUT", help="model file to write (.pth; .npz for the "
+                   f"federation), or an existing directory ({DEFAULT_MODEL_NAME} inside)")
+    p.add_argument("--epochs", "--epoch", type=int, metavar="N",
+                   help=f"passes over the data (default {defaults.epochs})")
+    p.add_argument("--batch-size", type=int, metavar="B", help=f"default {defaults.batch_size}")
+    p.add_argument("--learning-rate", type=float, metavar="L", help=f"default {defaults.learning_rate}")
+    p.add_argument("--optimizer", metavar="O", help=f"adadelta, sgd or adam (default {defaults.optimizer})")
+    p.add_argument("--seed", type=int, metavar="S",
+                   help="fixes initial weights, shuffling and dropout (default: the seed model's weights)")
+    p.add_argument("--precision", metavar="P", help=f"auto, fp32 or bf16 (default {defaults.precision})")
+    p.add_argument("--init", metavar="MODEL", help="start from this .pth or .npz instead of fresh weights")
+    p.add_argument("dataset", metavar="DATASET", help="a CSV shard or a directory of shards")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("predict", help="predict a CSV shard or directory into image_id,label,confidence")
+    p.add_argument("--model", required=True, help="a .pth state_dict or a seed/global .npz")
+    p.add_argument("dataset", metavar="DATASET", help="a CSV shard or a directory of shards; labels optional")
+    p.add_argument("result", metavar="RESULT", help=f"output CSV, or a directory ({DEFAULT_RESULT_NAME})")
+    p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("export", help="federation .npz -> PyTorch .pth state_dict")
+    p.add_argument("source", metavar="MODEL.npz")
+    p.add_argument("out", metavar="OUT.pth")
+    p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser("import", help="PyTorch .pth state_dict -> federation .npz")
+    p.add_argument("source", metavar="MODEL.pth")
+    p.add_argument("out", metavar="OUT.npz")
+    p.set_defaults(func=cmd_import)
