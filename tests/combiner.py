@@ -231,7 +231,9 @@ class TestCombiner:
                     return value
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise CombinerTimeout(f"timed out after {timeout:.0f} s waiting for {what}; {self.summary()}")
+                    raise CombinerTimeout(
+                        f"timed out after {timeout:.0f} s waiting for {what}; {self.summary()}"
+                    )
                 self._lock.wait(min(remaining, 0.5))
                 if self.health_check is not None:
                     self.health_check()
@@ -351,7 +353,8 @@ class _CombinerClient(rpc.CombinerClientServicer):
     def Announce(self, request, context):  # noqa: N802 (gRPC method names)
         self.c._record(self.c.announces, request)
         if request.type == "VersionCheck":
-            return msg.Response(response="compatible", parameters=json.dumps({"success": True, "version": "test"}))
+            answer = {"success": True, "version": "test"}
+            return msg.Response(response="compatible", parameters=json.dumps(answer))
         return msg.Response(response=f"{request.type} ok")
 
     def PollAndReportAsync(self, request, context):  # noqa: N802
