@@ -123,23 +123,39 @@ class EdgeTasks:
         return to_scaleout_model(model.get_parameters(self.net)), json_safe(metadata)
 
     def validate(self, scaleout_model: ScaleoutModel) -> dict:
-        """Loss and accuracy on the local train and test shards (train only if no test split)."""
-        self._load_model(scaleout_model)
+        """Loss and accuracy on the local train and test shards.
+
+        scaleout reports a validate callback that raises as COMPLETED with no metrics, so the
+        reason is also sent as the ``validation_error`` attribute; a broken or missing test
+        split is recoverable: the training metrics are reported with ``num_test_examples`` 0.
+        """
+        try:
+            self._load_model(scaleout_model)
+            train_set = data.load_split(self.data_dir, "train")
+        except (model.ModelFileError, data.DataError) as error:
+            self.client.log_attributes({"validation_error": str(error)})
+            raise
         check = self.client.check_task_abort
-        train_set = data.load_split(self.data_dir, "train")
         train_loss, train_acc = training.evaluate(self.net, train_set.images, train_set.labels, self.device, check)
         metrics: dict[str, Any] = {
             "training_loss": train_loss,
             "training_accuracy": train_acc,
             "num_train_examples": len(train_set),
+            "test_loss": train_loss,
+            "test_accuracy": train_acc,
+            "num_test_examples": 0,
         }
-        if data.has_split(self.data_dir, "test"):
-            test_set = data.load_split(self.data_dir, "test")
-            test_loss, test_acc = training.evaluate(self.net, test_set.images, test_set.labels, self.device, check)
-            metrics.update(test_loss=test_loss, test_accuracy=test_acc, num_test_examples=len(test_set))
-        else:
+        if not data.has_split(self.data_dir, "test"):
             log.info("%s has no test split: reporting training metrics as test metrics", self.data_dir)
-            metrics.update(test_loss=train_loss, test_accuracy=train_acc, num_test_examples=0)
+            return json_safe(metrics)
+        try:
+            test_set = data.load_split(self.data_dir, "test")
+        except data.DataError as error:
+            log.error("test split unusable, reporting training metrics as test metrics: %s", error)
+            self.client.log_attributes({"validation_error": str(error)})
+            return json_safe(metrics)
+        test_loss, test_acc = training.evaluate(self.net, test_set.images, test_set.labels, self.device, check)
+        metrics.update(test_loss=test_loss, test_accuracy=test_acc, num_test_examples=len(test_set))
         return json_safe(metrics)
 
     def _predict_location(self, params: Mapping[str, Any]) -> Path:
@@ -193,6 +209,9 @@ def register(client: Any, data_dir: str | Path | None = None) -> EdgeTasks:
     """Register train, validate and predict on an ``EdgeClient``; returns the task object."""
     configure_logging()
     tasks = EdgeTasks(client, data_dir)
+    if not data.has_split(tasks.data_dir, "train"):
+        log.warning("%s has no train/ split yet: training tasks will fail until shards are there "
+                    "(set SCALEOUT_DATA_DIR)", tasks.data_dir.resolve())
     client.set_train_callback(tasks.train)
     client.set_validate_callback(tasks.validate)
     client.set_inference_callback(tasks.predict)
