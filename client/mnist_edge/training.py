@@ -41,12 +41,35 @@ def select_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# CPU features that compute bfloat16 dot products in hardware (x86 AMX / AVX512-BF16, Arm BF16).
+# oneDNN also "supports" bf16 on plain AVX-512 by emulation, which is slower than float32.
+NATIVE_BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")
+
+
+def _cpu_features() -> dict:
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # recent torch
+    if capabilities is not None:
+        return dict(capabilities())
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # older torch: x86 only
+    return {"avx512_bf16": bool(check and check())}
+
+
 def bf16_supported(device: torch.device) -> bool:
-    """True only where the hardware computes bfloat16 natively (checked, not guessed)."""
+    """True only where the hardware computes bfloat16 natively (checked, not guessed).
+
+    CPU: oneDNN's bf16 kernels must be usable *and* the CPU must have a native bf16 unit;
+    CUDA: compute capability 8.0+ (Ampere), not the emulation older GPUs offer.
+    """
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.4: the check had no emulation path
+            return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+        features = _cpu_features()
+        return any(features.get(name, False) for name in NATIVE_BF16_CPU_FEATURES)
     return False
 
 
@@ -59,10 +82,21 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return bf16_supported(device)
 
 
-def to_input(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_input(
+    images_u8: torch.Tensor, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format
+) -> torch.Tensor:
     """uint8 (B, 28, 28) -> normalised float32 (B, 1, 28, 28) on ``device``."""
     x = images_u8.to(device, non_blocking=True).unsqueeze(1).float()
-    return x.mul_(1.0 / (255.0 * MNIST_STD)).sub_(MNIST_MEAN / MNIST_STD)
+    return x.mul_(1.0 / (255.0 * MNIST_STD)).sub_(MNIST_MEAN / MNIST_STD).contiguous(memory_format=memory_format)
+
+
+def memory_format_for(bf16: bool, device: torch.device) -> torch.memory_format:
+    """channels_last where it was measured to help: bf16 convolutions on the CPU (oneDNN).
+
+    With NCHW bf16 tensors oneDNN reorders around every convolution and max-pool; on the
+    reference machine channels_last made a bf16 training step ~1.25x faster.
+    """
+    return torch.channels_last if bf16 and device.type == "cpu" else torch.contiguous_format
 
 
 def make_optimizer(name: str, params, learning_rate: float) -> torch.optim.Optimizer:
@@ -91,7 +125,27 @@ def train(
     ``LOG_EVERY_BATCHES`` batches and at the end of every epoch.
     """
     device = device or select_device()
-    net.to(device).train()
+    bf16 = use_bf16(settings.precision, device)
+    memory_format = memory_format_for(bf16, device)
+    net.to(device, memory_format=memory_format).train()
+    try:
+        return _train_epochs(net, images, labels, settings, on_batch, on_metrics, device, bf16, memory_format)
+    finally:
+        net.to(memory_format=torch.contiguous_format)
+
+
+def _train_epochs(
+    net: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    settings: TrainSettings,
+    on_batch: Callable[[], None] | None,
+    on_metrics: Callable[[Metrics], None] | None,
+    device: torch.device,
+    bf16: bool,
+    memory_format: torch.memory_format,
+) -> TrainResult:
+    """The loop of :func:`train`: parameters and optimizer state stay float32; bf16 is compute only."""
     optimizer = make_optimizer(settings.optimizer, net.parameters(), settings.learning_rate)
     generator = torch.Generator()
     if settings.seed is not None:
@@ -99,7 +153,6 @@ def train(
         torch.manual_seed(settings.seed)  # dropout masks
     else:
         generator.seed()
-    bf16 = use_bf16(settings.precision, device)
     x_all = torch.from_numpy(np.ascontiguousarray(images))
     y_all = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
     n = len(y_all)
@@ -113,7 +166,7 @@ def train(
             if on_batch is not None:
                 on_batch()
             index = order[start : start + settings.batch_size]
-            x = to_input(x_all[index], device)
+            x = to_input(x_all[index], device, memory_format)
             y = y_all[index].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
