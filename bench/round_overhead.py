@@ -1,0 +1,101 @@
+"""Round overhead: where one train callback's time goes besides the training steps.
+
+One real train callback (``EdgeClient`` -> ``EdgeTasks.train``), 1 epoch on 6,000 images (the 5k
+subset, repeated), timed in parts by wrapping the functions the callback calls: parameter decode
+(``ScaleoutModel`` -> numpy -> the CNN), data (``data.load_split``: cold = first read of the
+shard, cached = a later round), training steps (``training.train``), update serialization (the
+CNN -> numpy -> ``ScaleoutModel``, which scaleout's numpyhelper writes as a deflated npz inside a
+deflated zip); "other" is the rest (settings, metadata, logging). After one warm-up callback (the
+first training in a process builds oneDNN's kernels) the cache is cleared: the next callback
+reads the shard cold, the ``--reps`` after it find it cached; the report gives their medians.
+
+    .venv/bin/python bench/round_overhead.py [--images 6000 --reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mnist_edge import data, edge, model, training
+from perf_common import Report, images, machine, median
+
+PARTS = ("decode: ScaleoutModel -> numpy", "decode: numpy -> CNN", "data", "training steps",
+         "serialize: CNN -> numpy", "serialize: numpy -> ScaleoutModel")
+
+
+class PartTimer:
+    """Wraps module attributes so each call adds its wall time to a named part."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(PARTS, 0.0)
+
+    def wrap(self, owner: object, attribute: str, part: str) -> None:
+        original = getattr(owner, attribute)
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - start
+
+        setattr(owner, attribute, timed)
+
+
+def callback_parts(client, timer: PartTimer, incoming, settings: dict) -> dict[str, float]:
+    """One train callback; returns seconds per part, "other" and "total"."""
+    timer.seconds = dict.fromkeys(PARTS, 0.0)
+    start = time.perf_counter()
+    edge.run_task(client, "train", incoming, settings)
+    total = time.perf_counter() - start
+    return {**timer.seconds, "other": total - sum(timer.seconds.values()), "total": total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=6000)
+    parser.add_argument("--reps", type=int, default=3, help="callbacks with the cache warm (default 3)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, help="also write the report to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    timer = PartTimer()
+    for owner, attribute, part in ((edge, "params_from", PARTS[0]), (model, "set_parameters", PARTS[1]),
+                                   (data, "load_split", PARTS[2]), (training, "train", PARTS[3]),
+                                   (model, "get_parameters", PARTS[4]), (edge, "to_scaleout_model", PARTS[5])):
+        timer.wrap(owner, attribute, part)
+    report = Report()
+    report(machine())
+    report(f"{args.images} images, 1 epoch, batch 64, precision {args.precision}, threads {args.threads}")
+    settings = {"epochs": 1, "seed": 0, "precision": args.precision}
+    incoming = edge.to_scaleout_model(model.get_parameters(model.new_model(0)))
+    with tempfile.TemporaryDirectory() as tmp:
+        node = Path(tmp) / "node"
+        pixels, labels = images(args.images)
+        data.write_shard(node / "train" / "shard-000.csv", pixels, labels)
+        client = edge.local_client(node)
+        callback_parts(client, timer, incoming, settings)  # warm-up: oneDNN builds its kernels on first use
+        data.clear_cache()
+        runs = [callback_parts(client, timer, incoming, settings)]  # cold: reads the shard
+        runs += [callback_parts(client, timer, incoming, settings) for _ in range(args.reps)]
+    cold, warm = runs[0], {key: median([run[key] for run in runs[1:]]) for key in runs[0]}
+    report(f"{'part':36} {'cold cache':>16} {'cached (median)':>20}")
+    for key in (*PARTS, "other", "total"):
+        report(f"{key:36} {1e3 * cold[key]:9.1f} ms {100 * cold[key] / cold['total']:4.1f}% "
+               f"{1e3 * warm[key]:12.1f} ms {100 * warm[key] / warm['total']:4.1f}%")
+    overhead = 1 - warm["training steps"] / warm["total"]
+    report(f"everything except the training steps, cached: {100 * overhead:.2f} % of the callback (target <= 3 %); "
+           f"cold: {100 * (1 - cold['training steps'] / cold['total']):.2f} %")
+    report.save(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""A whole federation on one machine: FedAvg over the prepared clients, no server, no network.
+
+Every client is a real ``scaleout.EdgeClient`` on an in-process runtime with the callbacks
+``startup.py`` registers (:func:`mnist_edge.edge.local_client`), so what is simulated here is
+exactly what a node runs. This module only plays the server: it picks clients, averages their
+models weighted by ``num_examples``, and evaluates the global model on the clients' test splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import data, edge, model, training
+from .settings import parse_settings
+
+HISTORY_FIELDS = ("round", "clients", "training_loss", "test_loss", "test_accuracy", "seconds")
+
+
+class SimulationError(ValueError):
+    """The simulation cannot run as asked (no clients, bad round count, missing test split)."""
+
+
+@dataclass
+class Round:
+    """One row of the history; round 0 is the initial model before any training."""
+
+    round: int
+    clients: list[int]
+    training_loss: float | None  # mean over the round's clients, weighted by num_examples
+    test_loss: float
+    test_accuracy: float  # on the union of all clients' test splits
+    seconds: float
+    client_test_accuracy: dict[str, float] = field(default_factory=dict)
+
+
+def find_clients(data_dir: Path) -> list[Path]:
+    """``client-<i>`` directories of ``data_dir`` in numeric order; each must have a test split."""
+    dirs = [p for p in data_dir.glob("client-*") if p.is_dir() and p.name[len("client-"):].isdigit()]
+    dirs.sort(key=lambda p: int(p.name[len("client-"):]))
+    if not dirs:
+        raise SimulationError(f"{data_dir}: no client-<i> directories (run `python -m mnist_edge prepare` first)")
+    for path in dirs:
+        if not data.has_split(path, "test"):
+            raise SimulationError(f"{path}: no test split (prepare with --test-fraction > 0)")
+    return dirs
+
+
+def fedavg(results: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
+    """Average parameter lists weighted by each client's number of training examples."""
+    total = sum(n for _params, n in results)
+    return [
+        (sum(params[k].astype(np.float64) * n for params, n in results) / total).astype(np.float32)
+        for k in range(len(results[0][0]))
+    ]
+
+
+def round_seed(seed: int, round_index: int, client: int) -> int:
+    """A client's training seed for one round: distinct per (seed, round, client), reproducible."""
+    return int(np.random.SeedSequence([seed, round_index, client]).generate_state(1)[0] >> 1)
+
+
+class Evaluator:
+    """The global model on every client's test split; loads the splits once, reuses one CNN."""
+
+    def __init__(self, client_dirs: list[Path]) -> None:
+        self.tests = {p.name: data.load_split(p, "test") for p in client_dirs}
+        self.net = model.Net()
+        self.device = training.select_device()
+
+    def __call__(self, params: list[np.ndarray]) -> tuple[float, float, dict[str, float]]:
+        """(test loss, test accuracy) on the union, and each client's test accuracy."""
+        model.set_parameters(self.net, params, "global model")
+        loss_sum, correct, count, per_client = 0.0, 0.0, 0, {}
+        for name, split in self.tests.items():
+            loss, accuracy = training.evaluate(self.net, split.images, split.labels, self.device)
+            loss_sum, correct, count = loss_sum + loss * len(split), correct + accuracy * len(split), count + len(split)
+            per_client[name] = accuracy
+        return loss_sum / count, correct / count, per_client
+
+
+def simulate(
+    data_dir: str | Path,
+    rounds: int,
+    out: str | Path,
+    epochs: int = 1,
+    batch_size: int = 64,
+    learning_rate: float = 1.0,
+    clients_per_round: int | None = None,
+    seed: int = 0,
+    init: str | Path | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> list[Round]:
+    """Run ``rounds`` FedAvg rounds over the clients in ``data_dir``; write the results to ``out``.
+
+    The initial model is ``init`` (a seed/global ``.npz``) or the CNN initialised with ``seed``
+    (seed 0 is exactly the ``seed.npz`` that ``build.py`` writes).
+    """
+    if rounds < 1:
+        raise SimulationError(f"--rounds must be >= 1, got {rounds}")
+    client_dirs = find_clients(Path(data_dir))
+    per_round = clients_per_round or len(client_dirs)
+    if not 1 <= per_round <= len(client_dirs):
+        raise SimulationError(f"--clients-per-round must be between 1 and {len(client_dirs)}, got {per_round}")
+    settings = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate}
+    parse_settings(settings)  # a bad value fails now, not in round 1
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clients = [edge.local_client(p, workdir=out) for p in client_dirs]
+    params = model.load_npz(init) if init else model.get_parameters(model.new_model(seed))
+    evaluate = Evaluator(client_dirs)
+    picker = np.random.default_rng(seed)
+
+    test_loss, test_accuracy, per_client = evaluate(params)
+    history = [Round(0, [], None, test_loss, test_accuracy, 0.0, per_client)]
+    echo(f"{len(clients)} clients, {per_round} per round, {rounds} rounds")
+    echo(f"{'round':>5}  {'training_loss':>13}  {'test_accuracy':>13}  {'seconds':>7}")
+    echo(_row(history[0]))
+    log = logging.getLogger("mnist_edge")
+    level = log.level
+    log.setLevel(logging.WARNING)  # the table replaces the per-task info lines; warnings still show
+    try:
+        for r in range(1, rounds + 1):
+            start = time.perf_counter()
+            chosen = sorted(picker.choice(len(clients), per_round, replace=False).tolist())
+            params, training_loss = train_round([(i, clients[i]) for i in chosen], params, settings, seed, r,
+                                                f"round {r}/{rounds}", progress)
+            test_loss, test_accuracy, per_client = evaluate(params)
+            history.append(Round(r, chosen, training_loss, test_loss, test_accuracy,
+                                 time.perf_counter() - start, per_client))
+            echo(_row(history[-1]))
+    finally:
+        log.setLevel(level)
+    config = {"data": str(data_dir), "clients": len(clients), "clients_per_round": per_round, "rounds": rounds,
+              **settings, "seed": seed, "init": None if init is None else str(init)}
+    write_outputs(out, history, params, config)
+    return history
+
+
+def train_round(
+    chosen: list[tuple[int, Any]], params: list[np.ndarray], settings: dict[str, Any], seed: int, round_index: int,
+    label: str, progress: bool,
+) -> tuple[list[np.ndarray], float]:
+    """Each chosen client trains the global model through its train callback; FedAvg the results.
+
+    Returns the new global parameters and the clients' training loss weighted by ``num_examples``
+    (NaN if a client's loss was not finite).
+    """
+    from tqdm import tqdm
+
+    global_model = edge.to_scaleout_model(params)
+    results, loss_sum = [], 0.0
+    for i, client in tqdm(chosen, desc=label, unit="client", leave=False, disable=not progress):
+        local, meta = edge.run_task(client, "train", global_model, {**settings, "seed": round_seed(seed, round_index, i)},
+                                    model_id=global_model.model_id, round_id=str(round_index))
+        n = int(meta["training_metadata"]["num_examples"])
+        results.append((edge.params_from(local), n))
+        loss_sum += n * (float("nan") if meta["training_loss"] is None else meta["training_loss"])
+    return fedavg(results), loss_sum / sum(n for _params, n in results)
+
+
+def _row(entry: Round) -> str:
+    loss = "-" if entry.training_loss is None else f"{entry.training_loss:.4f}"
+    return f"{entry.round:>5}  {loss:>13}  {entry.test_accuracy:>13.4f}  {entry.seconds:>7.1f}"
+
+
+def write_outputs(out: Path, history: list[Round], params: list[np.ndarray], config: dict[str, Any]) -> None:
+    """history.csv / history.json, curves.png, and the final model as global.npz and global.pth."""
+    names = sorted(history[0].client_test_accuracy, key=lambda n: int(n.split("-")[1]))
+    with open(out / "history.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow([*HISTORY_FIELDS, *(f"test_accuracy_{n}" for n in names)])
+        for h in history:
+            writer.writerow([h.round, " ".join(map(str, h.clients)), _num(h.training_loss), _num(h.test_loss),
+                             _num(h.test_accuracy), f"{h.seconds:.2f}",
+                             *(_num(h.client_test_accuracy[n]) for n in names)])
+    (out / "history.json").write_text(json.dumps(edge.json_safe({"config": config, "rounds": [asdict(h) for h in history]}), indent=2))
+    plot_curves(history, out / "curves.png")
+    model.save_npz(params, out / "global.npz")
+    torch.save(model.parameters_to_state_dict(params, "global model"), out / "global.pth")
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"  # NaN is written as "nan"
+
+
+def plot_curves(history: list[Round], path: Path) -> Path:
+    """Accuracy (global and per client) and loss (training and global test) against the round."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    acc, loss = fig.subplots(1, 2)
+    rounds = [h.round for h in history]
+    names = list(history[0].client_test_accuracy)
+    for name in names:
+        label = name if len(names) <= 10 else None
+        acc.plot(rounds, [h.client_test_accuracy[name] for h in history], lw=0.8, alpha=0.5, label=label)
+    acc.plot(rounds, [h.test_accuracy for h in history], "k-o", lw=2, ms=3, label="global (all test splits)")
+    acc.set(xlabel="round", ylabel="test_accuracy", title="Global model accuracy", ylim=(0, 1))
+    acc.legend(fontsize="small")
+    trained = [h for h in history if h.training_loss is not None]
+    loss.plot([h.round for h in trained], [h.training_loss for h in trained], "-o", ms=3, label="training_loss (clients)")
+    loss.plot(rounds, [h.test_loss for h in history], "-o", ms=3, label="test_loss (global)")
+    loss.set(xlabel="round", ylabel="loss (NLL)", title="Loss", yscale="log")
+    loss.legend(fontsize="small")
+    for axes in (acc, loss):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """``python -m mnist_edge simulate``: the arguments mirror the round settings' names."""
+    p = commands.add_parser("simulate", help="run a FedAvg federation over prepared clients on this machine")
+    p.add_argument("--data", type=Path, required=True, help="directory from `prepare` (client-<i>/train, test)")
+    p.add_argument("--rounds", type=int, required=True, help="federated rounds")
+    p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
+    p.add_argument("--batch-size", type=int, default=64, help="local batch size (default 64)")
+    p.add_argument("--learning-rate", type=float, default=1.0, help="Adadelta learning rate (default 1.0)")
+    p.add_argument("--clients-per-round", type=int, default=None, help="clients sampled each round (default all)")
+    p.add_argument("--seed", type=int, default=0, help="initial model, client sampling and local shuffling")
+    p.add_argument("--init", type=Path, default=None, help="start from this seed/global .npz")
+    p.add_argument("--out", type=Path, required=True, help="run directory for history, curves and models")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_simulate)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    history = simulate(args.data, args.rounds, args.out, epochs=args.epochs, batch_size=args.batch_size,
+                       learning_rate=args.learning_rate, clients_per_round=args.clients_per_round,
+                       seed=args.seed, init=args.init, progress=not args.no_progress)
+    final = history[-1]
+    print(f"final global test_accuracy {final.test_accuracy:.4f} after {final.round} rounds")
+    print(f"curves: {args.out / 'curves.png'}  history: {args.out / 'history.csv'}  model: {args.out / 'global.npz'}")
+    return 0
