@@ -84,7 +84,8 @@ def main() -> None:
     rows = [summarize(s, RESULTS / f"history-{s}{args.tag}.csv") for s in SETUPS
             if (RESULTS / f"history-{s}{args.tag}.csv").exists()]
     config = {k: v for k, v in vars(args).items() if k not in ("setups", "tag")}
-    command = "python bench/federation.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items())
+    options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items())
+    command = f"python bench/federation.py {options}"
     command += f" --tag={args.tag}" if args.tag else ""
     (RESULTS / f"federation{args.tag}.json").write_text(
         json.dumps({"command": command, "config": config, "results": rows}, indent=2))

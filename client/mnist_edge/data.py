@@ -167,15 +167,15 @@ def _parse_int(text: str) -> int:
     return int(text)
 
 
-Text = str | bytes
+_Field = str | bytes
 """A field as a reader hands it over: ``str`` from ``csv.reader``, ASCII ``bytes`` from the plain reader."""
 
 
-def _as_str(text: Text) -> str:
+def _as_str(text: _Field) -> str:
     return text.decode("ascii") if isinstance(text, bytes) else text
 
 
-def _int_column(fields: list[Text]) -> tuple[np.ndarray, np.ndarray]:
+def _int_column(fields: list[_Field]) -> tuple[np.ndarray, np.ndarray]:
     """Plain decimal ids (1-18 ASCII digits) parsed in bulk: (values, ok). Others get the per-row checks."""
     n = len(fields)
     joined = fields[0][:0].join(fields)
@@ -187,7 +187,7 @@ def _int_column(fields: list[Text]) -> tuple[np.ndarray, np.ndarray]:
     return values, ok
 
 
-def _label_column(fields: list[Text], labels_required: bool) -> tuple[np.ndarray, np.ndarray]:
+def _label_column(fields: list[_Field], labels_required: bool) -> tuple[np.ndarray, np.ndarray]:
     """Single-digit labels (and empty ones where allowed) parsed in bulk: (values, ok)."""
     n = len(fields)
     joined = fields[0][:0].join(fields)
@@ -206,7 +206,7 @@ def _label_column(fields: list[Text], labels_required: bool) -> tuple[np.ndarray
     return values, ok
 
 
-def _image_column(fields: list[Text]) -> tuple[np.ndarray, np.ndarray]:
+def _image_column(fields: list[_Field]) -> tuple[np.ndarray, np.ndarray]:
     """Raw 1048-character images decoded in bulk: (pixels (n, 784), ok). PNG and bad rows are not ok."""
     n = len(fields)
     if min(map(len, fields)) == max(map(len, fields)) == _RAW_B64_LEN:
@@ -225,7 +225,8 @@ def _image_column(fields: list[Text]) -> tuple[np.ndarray, np.ndarray]:
         return np.empty((n, IMAGE_BYTES), dtype=np.uint8), np.zeros(n, dtype=bool)
     joined = texts[0][:0].join(texts)
     buffer = joined if isinstance(joined, bytes) else joined.encode("ascii", "replace")
-    pixels, ok = _decode_raw_b64_block(np.frombuffer(buffer, dtype=np.uint8).reshape(len(texts), _RAW_B64_LEN))
+    raw = np.frombuffer(buffer, dtype=np.uint8).reshape(len(texts), _RAW_B64_LEN)
+    pixels, ok = _decode_raw_b64_block(raw)
     if fast is None:
         return pixels, ok
     all_pixels = np.empty((n, IMAGE_BYTES), dtype=np.uint8)
@@ -281,14 +282,16 @@ def _header_columns(path: Path, header: list[str] | None) -> tuple[int, int, int
     return tuple(names.index(name) for name in REQUIRED_COLUMNS)  # type: ignore[return-value]
 
 
-def _is_blank(row: list[Text]) -> bool:
+def _is_blank(row: list[_Field]) -> bool:
     return not row or (len(row) == 1 and not _as_str(row[0]).strip())
 
 
 class _ShardBuilder:
     """Collects rows chunk by chunk into preallocated arrays (peak memory ~ the pixels)."""
 
-    def __init__(self, path: Path, capacity: int, columns: tuple[int, int, int], labels_required: bool) -> None:
+    def __init__(
+        self, path: Path, capacity: int, columns: tuple[int, int, int], labels_required: bool
+    ) -> None:
         self.path = path
         self.columns = columns
         self.width = max(columns) + 1
@@ -305,7 +308,7 @@ class _ShardBuilder:
         if len(self.bad_rows) < WARN_FIRST:
             self.bad_rows.append(BadRow(str(self.path), line, reason))
 
-    def skip_short(self, line: int, row: list[Text]) -> None:
+    def skip_short(self, line: int, row: list[_Field]) -> None:
         self.skip(line, f"row has {len(row)} fields, expected at least {self.width}")
 
     def _label(self, text: str) -> int:
@@ -321,14 +324,16 @@ class _ShardBuilder:
             raise ValueError(f"label {value} is out of range 0-9")
         return value
 
-    def add_rows(self, lines: Sequence[int], rows: list[list[Text]]) -> None:
+    def add_rows(self, lines: Sequence[int], rows: list[list[_Field]]) -> None:
         """Add full-width rows (in line order) from either reader."""
         if rows:
             id_col, label_col, image_col = self.columns
             self.add_chunk(lines, [r[id_col] for r in rows], [r[label_col] for r in rows],
                            [r[image_col] for r in rows])
 
-    def add_chunk(self, lines: Sequence[int], ids: list[Text], labels: list[Text], images: list[Text]) -> None:
+    def add_chunk(
+        self, lines: Sequence[int], ids: list[_Field], labels: list[_Field], images: list[_Field]
+    ) -> None:
         """Add rows in line order: clean rows are checked and copied in bulk, the rest one by one."""
         n = len(ids)
         if n == 0:
@@ -343,7 +348,7 @@ class _ShardBuilder:
                 self._add_row(lines[row], ids[row], labels[row], images[row])
             start = row + 1
 
-    def _add_row(self, line: int, image_id: Text, label: Text, image: Text) -> None:
+    def _add_row(self, line: int, image_id: _Field, label: _Field, image: _Field) -> None:
         """The exact checks, in order; the first that fails is the row's reason."""
         id_text = _as_str(image_id)
         try:

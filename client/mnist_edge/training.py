@@ -42,7 +42,7 @@ def select_device() -> torch.device:
 
 
 # CPU features that compute bfloat16 dot products in hardware (x86 AMX / AVX512-BF16, Arm BF16).
-# oneDNN also "supports" bf16 on plain AVX-512 by emulation, which is slower than float32.
+# oneDNN also "supports" bf16 on plain AVX-512 by emulation, which is typically slower than float32.
 NATIVE_BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")
 
 
@@ -50,8 +50,11 @@ def _cpu_features() -> dict:
     capabilities = getattr(torch.cpu, "get_capabilities", None)  # recent torch
     if capabilities is not None:
         return dict(capabilities())
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # older torch: x86 only
-    return {"avx512_bf16": bool(check and check())}
+    features = {}  # older torch: x86 checks only (every AMX part has AMX-BF16)
+    for name, check in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported")):
+        function = getattr(torch.cpu, check, None)
+        features[name] = bool(function and function())
+    return features
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -83,11 +86,14 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def to_input(
-    images_u8: torch.Tensor, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format
+    images_u8: torch.Tensor,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
     """uint8 (B, 28, 28) -> normalised float32 (B, 1, 28, 28) on ``device``."""
     x = images_u8.to(device, non_blocking=True).unsqueeze(1).float()
-    return x.mul_(1.0 / (255.0 * MNIST_STD)).sub_(MNIST_MEAN / MNIST_STD).contiguous(memory_format=memory_format)
+    x = x.mul_(1.0 / (255.0 * MNIST_STD)).sub_(MNIST_MEAN / MNIST_STD)
+    return x.contiguous(memory_format=memory_format)
 
 
 def memory_format_for(bf16: bool, device: torch.device) -> torch.memory_format:
