@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mnist_edge import data
+from mnist_edge import partition as partition_module
 from mnist_edge.cli import main
 from mnist_edge.partition import MIN_CLIENT_IMAGES, PartitionError, partition
 
@@ -90,10 +91,11 @@ def test_bad_arguments_are_rejected_with_the_value(labels, scheme, options, mess
         partition(labels, 4, scheme, np.random.default_rng(0), **options)
 
 
-def test_too_many_clients_or_impossible_skew_is_refused(labels):
+def test_too_many_clients_or_impossible_skew_is_refused(labels, monkeypatch):
+    monkeypatch.setattr(partition_module, "DIRICHLET_TRIES", 20)  # the refusal, not the wait
     with pytest.raises(PartitionError, match="5000 images cannot give 501 clients 10 images each"):
         partition(labels, 501, "iid", np.random.default_rng(0))
-    with pytest.raises(PartitionError, match="use a larger --alpha or fewer --clients"):
+    with pytest.raises(PartitionError, match="in 20 draws; use a larger --alpha or fewer --clients"):
         partition(labels, 400, "dirichlet", np.random.default_rng(0), alpha=0.001)
     with pytest.raises(PartitionError, match="--clients must be >= 1, got 0"):
         partition(labels, 0, "iid", np.random.default_rng(0))
@@ -135,7 +137,8 @@ def test_prepare_dirichlet_writes_shards_and_histograms(tmp_path, keras_npz, cap
 
 
 def test_prepare_same_seed_same_files(tmp_path, keras_npz):
-    args = ["prepare", "--source", keras_npz, "--clients", "2", "--partition", "shards", "--classes-per-client", "3"]
+    args = ["prepare", "--source", keras_npz, "--clients", "2",
+            "--partition", "shards", "--classes-per-client", "3"]
     main([*args, "--out", str(tmp_path / "a")])
     main([*args, "--out", str(tmp_path / "b")])
     for path in sorted((tmp_path / "a").rglob("*.csv")):
@@ -148,7 +151,8 @@ def test_prepare_same_seed_same_files(tmp_path, keras_npz):
 
 def test_prepare_bad_partition_arguments_exit_2_with_message(tmp_path, keras_npz, capsys):
     out = str(tmp_path / "clients")
-    assert main(["prepare", "--source", keras_npz, "--clients", "2", "--out", out, "--partition", "dirichlet"]) == 2
+    args = ["prepare", "--source", keras_npz, "--clients", "2", "--out", out, "--partition", "dirichlet"]
+    assert main(args) == 2
     assert "error: --partition dirichlet needs --alpha A with A > 0, got None" in capsys.readouterr().err
     with pytest.raises(SystemExit) as raised:
         main(["prepare", "--clients", "2", "--out", out, "--partition", "label-skew"])

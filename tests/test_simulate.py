@@ -74,7 +74,7 @@ def test_global_accuracy_is_the_union_of_the_clients_test_splits(run_dir, client
     assert all(np.array_equal(a, b) for a, b in zip(npz, model.get_parameters(net)))
 
 
-def test_global_model_seeds_the_next_run_and_the_same_seed_gives_the_same_history(run_dir, clients_dir, tmp_path):
+def test_global_model_seeds_the_next_run_and_same_seed_same_history(run_dir, clients_dir, tmp_path):
     """One client per round from the saved global model, twice: identical histories."""
     runs = [simulate(clients_dir, 1, tmp_path / name, batch_size=32, clients_per_round=1, seed=5,
                      init=run_dir / "global.npz", progress=False, echo=lambda line: None) for name in "ab"]
@@ -100,6 +100,7 @@ def test_fedavg_weights_by_num_examples():
 
 @pytest.mark.parametrize("extra, message", [
     (["--clients-per-round", "3"], "--clients-per-round must be between 1 and 2, got 3"),
+    (["--clients-per-round", "0"], "--clients-per-round must be between 1 and 2, got 0"),
     (["--rounds", "0"], "--rounds must be >= 1, got 0"),
     (["--batch-size", "0"], "setting 'batch_size' must be an integer >= 1, got 0"),
 ])

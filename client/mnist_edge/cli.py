@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="shuffling seed (same seed, same shards)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of each client's rows held out as test")
     p.add_argument("--partition", choices=PARTITIONS, default="iid",
-                   help="iid (default), dirichlet (label skew, with --alpha) or shards (with --classes-per-client)")
+                   help="iid (default), dirichlet (with --alpha) or shards (with --classes-per-client)")
     p.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration: small = strong skew")
     p.add_argument("--classes-per-client", type=int, default=None, help="digits each client holds (shards)")
     p.set_defaults(func=cmd_prepare)

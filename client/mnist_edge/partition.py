@@ -27,7 +27,9 @@ def split_iid(n: int, clients: int, rng: np.random.Generator) -> list[np.ndarray
     return [np.sort(part) for part in np.array_split(rng.permutation(n), clients)]
 
 
-def split_dirichlet(labels: np.ndarray, clients: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+def split_dirichlet(
+    labels: np.ndarray, clients: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Per class, deal its images to clients in Dirichlet(alpha)-distributed proportions.
 
     Draws again (from the same generator, so still deterministic) while any client would get
@@ -52,7 +54,9 @@ def split_dirichlet(labels: np.ndarray, clients: int, alpha: float, rng: np.rand
     )
 
 
-def split_shards(labels: np.ndarray, clients: int, classes_per_client: int, rng: np.random.Generator) -> list[np.ndarray]:
+def split_shards(
+    labels: np.ndarray, clients: int, classes_per_client: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Each client holds exactly ``classes_per_client`` digits; a digit is shared evenly by its holders.
 
     The digits are shuffled, then dealt round-robin (client i gets digits i*K .. i*K+K-1,
@@ -61,7 +65,8 @@ def split_shards(labels: np.ndarray, clients: int, classes_per_client: int, rng:
     classes = rng.permutation(np.unique(labels))
     if not 1 <= classes_per_client <= len(classes):
         raise PartitionError(
-            f"--classes-per-client must be between 1 and {len(classes)} (the digits present), got {classes_per_client}"
+            f"--classes-per-client must be between 1 and {len(classes)} (the digits present), "
+            f"got {classes_per_client}"
         )
     holders: dict[int, list[int]] = {int(c): [] for c in classes}
     for client in range(clients):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import IMAGE_SIDE, DataError, write_shard
-from .partition import NUM_CLASSES, PartitionError, label_histogram  # noqa: F401  (PartitionError re-exported)
+from .partition import NUM_CLASSES, PartitionError, label_histogram  # noqa: F401  (re-exported)
 from .partition import partition as split
 
 SHARD_ROWS = 10_000
@@ -166,7 +166,8 @@ def prepare(
     _clear_previous(out, clients)
     counts = []
     for i, part in enumerate(parts):
-        counts.append(write_client(out / f"client-{i}", images[part], labels[part], ids[part], test_fraction, rng))
+        client_dir = out / f"client-{i}"
+        counts.append(write_client(client_dir, images[part], labels[part], ids[part], test_fraction, rng))
     unused = len(labels) - sum(len(p) for p in parts)
     record = {
         "source": source, "seed": seed, "partition": partition, "alpha": alpha,

@@ -48,7 +48,8 @@ def find_clients(data_dir: Path) -> list[Path]:
     dirs = [p for p in data_dir.glob("client-*") if p.is_dir() and p.name[len("client-"):].isdigit()]
     dirs.sort(key=lambda p: int(p.name[len("client-"):]))
     if not dirs:
-        raise SimulationError(f"{data_dir}: no client-<i> directories (run `python -m mnist_edge prepare` first)")
+        raise SimulationError(
+            f"{data_dir}: no client-<i> directories (run `python -m mnist_edge prepare` first)")
     for path in dirs:
         if not data.has_split(path, "test"):
             raise SimulationError(f"{path}: no test split (prepare with --test-fraction > 0)")
@@ -83,7 +84,8 @@ class Evaluator:
         loss_sum, correct, count, per_client = 0.0, 0.0, 0, {}
         for name, split in self.tests.items():
             loss, accuracy = training.evaluate(self.net, split.images, split.labels, self.device)
-            loss_sum, correct, count = loss_sum + loss * len(split), correct + accuracy * len(split), count + len(split)
+            loss_sum, correct = loss_sum + loss * len(split), correct + accuracy * len(split)
+            count += len(split)
             per_client[name] = accuracy
         return loss_sum / count, correct / count, per_client
 
@@ -109,9 +111,10 @@ def simulate(
     if rounds < 1:
         raise SimulationError(f"--rounds must be >= 1, got {rounds}")
     client_dirs = find_clients(Path(data_dir))
-    per_round = clients_per_round or len(client_dirs)
+    per_round = len(client_dirs) if clients_per_round is None else clients_per_round
     if not 1 <= per_round <= len(client_dirs):
-        raise SimulationError(f"--clients-per-round must be between 1 and {len(client_dirs)}, got {per_round}")
+        raise SimulationError(
+            f"--clients-per-round must be between 1 and {len(client_dirs)}, got {per_round}")
     settings = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate}
     parse_settings(settings)  # a bad value fails now, not in round 1
     out = Path(out)
@@ -141,15 +144,20 @@ def simulate(
             echo(_row(history[-1]))
     finally:
         log.setLevel(level)
-    config = {"data": str(data_dir), "clients": len(clients), "clients_per_round": per_round, "rounds": rounds,
-              **settings, "seed": seed, "init": None if init is None else str(init)}
+    config = {"data": str(data_dir), "clients": len(clients), "clients_per_round": per_round,
+              "rounds": rounds, **settings, "seed": seed, "init": None if init is None else str(init)}
     write_outputs(out, history, params, config)
     return history
 
 
 def train_round(
-    chosen: list[tuple[int, Any]], params: list[np.ndarray], settings: dict[str, Any], seed: int, round_index: int,
-    label: str, progress: bool,
+    chosen: list[tuple[int, Any]],
+    params: list[np.ndarray],
+    settings: dict[str, Any],
+    seed: int,
+    round_index: int,
+    label: str,
+    progress: bool,
 ) -> tuple[list[np.ndarray], float]:
     """Each chosen client trains the global model through its train callback; FedAvg the results.
 
@@ -161,7 +169,8 @@ def train_round(
     global_model = edge.to_scaleout_model(params)
     results, loss_sum = [], 0.0
     for i, client in tqdm(chosen, desc=label, unit="client", leave=False, disable=not progress):
-        local, meta = edge.run_task(client, "train", global_model, {**settings, "seed": round_seed(seed, round_index, i)},
+        client_settings = {**settings, "seed": round_seed(seed, round_index, i)}
+        local, meta = edge.run_task(client, "train", global_model, client_settings,
                                     model_id=global_model.model_id, round_id=str(round_index))
         n = int(meta["training_metadata"]["num_examples"])
         results.append((edge.params_from(local), n))
@@ -184,7 +193,8 @@ def write_outputs(out: Path, history: list[Round], params: list[np.ndarray], con
             writer.writerow([h.round, " ".join(map(str, h.clients)), _num(h.training_loss), _num(h.test_loss),
                              _num(h.test_accuracy), f"{h.seconds:.2f}",
                              *(_num(h.client_test_accuracy[n]) for n in names)])
-    (out / "history.json").write_text(json.dumps(edge.json_safe({"config": config, "rounds": [asdict(h) for h in history]}), indent=2))
+    record = edge.json_safe({"config": config, "rounds": [asdict(h) for h in history]})
+    (out / "history.json").write_text(json.dumps(record, indent=2))
     plot_curves(history, out / "curves.png")
     model.save_npz(params, out / "global.npz")
     torch.save(model.parameters_to_state_dict(params, "global model"), out / "global.pth")
@@ -210,7 +220,8 @@ def plot_curves(history: list[Round], path: Path) -> Path:
     acc.set(xlabel="round", ylabel="test_accuracy", title="Global model accuracy", ylim=(0, 1))
     acc.legend(fontsize="small")
     trained = [h for h in history if h.training_loss is not None]
-    loss.plot([h.round for h in trained], [h.training_loss for h in trained], "-o", ms=3, label="training_loss (clients)")
+    loss.plot([h.round for h in trained], [h.training_loss for h in trained], "-o", ms=3,
+              label="training_loss (clients)")
     loss.plot(rounds, [h.test_loss for h in history], "-o", ms=3, label="test_loss (global)")
     loss.set(xlabel="round", ylabel="loss (NLL)", title="Loss", yscale="log")
     loss.legend(fontsize="small")
@@ -226,12 +237,12 @@ def plot_curves(history: list[Round], path: Path) -> Path:
 def add_command(commands: argparse._SubParsersAction) -> None:
     """``python -m mnist_edge simulate``: the arguments mirror the round settings' names."""
     p = commands.add_parser("simulate", help="run a FedAvg federation over prepared clients on this machine")
-    p.add_argument("--data", type=Path, required=True, help="directory from `prepare` (client-<i>/train, test)")
+    p.add_argument("--data", type=Path, required=True, help="`prepare` output (client-<i>/...)")
     p.add_argument("--rounds", type=int, required=True, help="federated rounds")
     p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
     p.add_argument("--batch-size", type=int, default=64, help="local batch size (default 64)")
     p.add_argument("--learning-rate", type=float, default=1.0, help="Adadelta learning rate (default 1.0)")
-    p.add_argument("--clients-per-round", type=int, default=None, help="clients sampled each round (default all)")
+    p.add_argument("--clients-per-round", type=int, default=None, help="clients drawn per round (default all)")
     p.add_argument("--seed", type=int, default=0, help="initial model, client sampling and local shuffling")
     p.add_argument("--init", type=Path, default=None, help="start from this seed/global .npz")
     p.add_argument("--out", type=Path, required=True, help="run directory for history, curves and models")
@@ -245,5 +256,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                        seed=args.seed, init=args.init, progress=not args.no_progress)
     final = history[-1]
     print(f"final global test_accuracy {final.test_accuracy:.4f} after {final.round} rounds")
-    print(f"curves: {args.out / 'curves.png'}  history: {args.out / 'history.csv'}  model: {args.out / 'global.npz'}")
+    print(f"curves: {args.out / 'curves.png'}  history: {args.out / 'history.csv'}  "
+          f"model: {args.out / 'global.npz'}")
     return 0
