@@ -166,6 +166,7 @@ def test_a_pickle_disguised_as_npz_fails_in_a_real_process_without_running(bad_f
     (["import", "narrow.pth", "x.npz"], "narrow.pth: fc1.weight expected shape (128, 9216), got (64, 9216)"),
     (["import", "narrow.pth", "x.pth"],
      "x.pth: 'import' writes a numpy .npz parameter file, not a .pth file"),
+    (["export", "../seed-missing.npz", "x.pth"], "../seed-missing.npz: no such model file"),
 ])
 def test_bad_input_exits_2_with_one_line_naming_the_problem(bad_files, capsys, args, message):
     assert cli.main(args) == 2
@@ -173,6 +174,12 @@ def test_bad_input_exits_2_with_one_line_naming_the_problem(bad_files, capsys, a
     assert err.startswith("error: ") and "\n" not in err and message in err
     assert not (bad_files / "executed").exists()
     assert not any((bad_files / name).exists() for name in ("m.pth", "r.csv", "x.pth", "x.npz"))
+
+
+def test_an_unwritable_output_exits_2_naming_the_path(bad_files, seed_path, capsys):
+    assert cli.main(["export", str(seed_path), "header-only.csv/x.pth"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "header-only.csv" in err and "\n" not in err
 
 
 # -- model files (in-process: the loaders themselves) ---------------------------------------------

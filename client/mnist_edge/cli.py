@@ -19,8 +19,8 @@ from .prepare import SourceError
 from .settings import SettingsError
 from .simulate import SimulationError
 
-USER_ERRORS = (DataError, ModelFileError, SourceError, SettingsError, FileNotFoundError, PartitionError,
-               SimulationError)
+# OSError: an output path that cannot be written (its message names the path).
+USER_ERRORS = (DataError, ModelFileError, SourceError, SettingsError, PartitionError, SimulationError, OSError)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
