@@ -4,8 +4,8 @@ One real train callback (``EdgeClient`` -> ``EdgeTasks.train``), 1 epoch on 6,00
 subset, repeated), timed in parts by wrapping the functions the callback calls: parameter decode
 (``ScaleoutModel`` -> numpy -> the CNN), data (``data.load_split``: cold = first read of the
 shard, cached = a later round), training steps (``training.train``), update serialization (the
-CNN -> numpy -> ``ScaleoutModel``, which scaleout's numpyhelper writes as a deflated npz inside a
-deflated zip); "other" is the rest (settings, metadata, logging). After one warm-up callback (the
+CNN -> numpy -> ``ScaleoutModel``: an npz deflated at level 1 by ``edge.UpdateHelper``, inside
+scaleout's deflated zip); "other" is the rest (settings, metadata, logging). After one warm-up callback (the
 first training in a process builds oneDNN's kernels) the cache is cleared: the next callback
 reads the shard cold, the ``--reps`` after it find it cached; the report gives their medians.
 

@@ -1,4 +1,4 @@
-"""Training throughput: the pytorch/examples loop (A) against our train callback (B), one process.
+"""Training throughput: the pytorch/examples loop (A) against our train callback (B), alternating.
 
 (A) is what a user writes by following pytorch/examples ``mnist/main.py``: float32 tensors in a
 ``TensorDataset``, a shuffling ``DataLoader``, ``Adadelta``, batch 64 (without the example's
@@ -7,7 +7,11 @@ it: ``EdgeClient`` -> ``EdgeTasks.train`` with an abort check every batch and me
 through a runtime that discards them; B's time is the whole callback (parameter decode, cached
 data, training, update serialization), A's only its loop.
 
-A and B alternate (A B A B ...) on the same images with the same thread count. Pair ``k`` uses
+A and B alternate (A B A B ...) on the same images with the same thread count, each in its own
+worker process started once: process-wide state stays each contender's own, as when a user runs
+them (B's training tunes glibc's allocator for its process, see ``training.keep_freed_memory``;
+a user's loop does not get that), while alternation still shares out the machine's noise. Each
+worker warms up (oneDNN builds its kernels on first use) before the pairs. Pair ``k`` uses
 seed ``k`` for both: the same initial weights, the same shuffles (the DataLoader gets a generator
 with that seed, as B's ``randperm`` does) and the same dropout seed, so the accuracy difference
 is the precision's. Accuracy is float32 test accuracy on held-out images after the same epochs.
@@ -18,6 +22,7 @@ is the precision's. Accuracy is float32 test accuracy on held-out images after t
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import tempfile
 import time
 from pathlib import Path
@@ -81,6 +86,32 @@ def callback_run(client, args: argparse.Namespace, seed: int) -> tuple[Clock, mo
     return clock, net
 
 
+_worker: dict = {}
+
+
+def _start_worker(contender: str, args: argparse.Namespace, node: Path, warm_node: Path) -> None:
+    """Worker initializer: the images, the contender's client, one warm-up run."""
+    torch.set_num_threads(args.threads)
+    pixels, labels = images(args.train + args.test)
+    x, y = pixels[: args.train], labels[: args.train]
+    _worker.update(args=args, x=x, y=y, x_test=pixels[args.train :], y_test=labels[args.train :])
+    if contender == "A":
+        reference_run(x[:640], y[:640], args, 0)
+        _worker["run"] = lambda seed: reference_run(x, y, args, seed)
+    else:
+        data.load_split(node, "train")  # a node's shard cache is warm after its first round
+        client, warm_client = (edge.local_client(d, runtime=DiscardRuntime()) for d in (node, warm_node))
+        callback_run(warm_client, args, 0)
+        _worker["run"] = lambda seed: callback_run(client, args, seed)
+
+
+def _pair_run(seed: int) -> tuple[float, float, float]:
+    """One run in a worker: (wall seconds, CPU seconds of the worker, held-out test accuracy)."""
+    clock, net = _worker["run"](seed)
+    accuracy = training.evaluate(net, _worker["x_test"], _worker["y_test"], torch.device("cpu"))[1]
+    return clock.wall, clock.cpu, accuracy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train", type=int, default=4000, help="training images (default 4000)")
@@ -101,27 +132,29 @@ def main() -> None:
            f"{'bf16' if training.use_bf16(args.precision, cpu) else 'fp32'}; "
            f"{args.train} train / {args.test} test images; {args.epochs} epoch(s); batch {args.batch_size}")
     pixels, labels = images(args.train + args.test)
-    x, y, x_test, y_test = pixels[: args.train], labels[: args.train], pixels[args.train :], labels[args.train :]
+    x, y = pixels[: args.train], labels[: args.train]
+    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         node, warm_node = Path(tmp) / "node", Path(tmp) / "warm"
         data.write_shard(node / "train" / "shard-000.csv", x, y)
         data.write_shard(warm_node / "train" / "shard-000.csv", x[:640], y[:640])
-        data.load_split(node, "train")  # a node's shard cache is warm after its first round
-        client, warm_client = (edge.local_client(d, runtime=DiscardRuntime()) for d in (node, warm_node))
-        reference_run(x[:640], y[:640], args, 0)  # warm-up: oneDNN builds its kernels on first use
-        callback_run(warm_client, args, 0)
+        workers = {name: spawn.Pool(1, _start_worker, (name, args, node, warm_node)) for name in ("A", "B")}
         rates: dict[str, list[float]] = {"A": [], "B": []}
         cpu_rates: dict[str, list[float]] = {"A": [], "B": []}
         accuracy: dict[str, list[float]] = {"A": [], "B": []}
         count = args.train * args.epochs
-        for seed in range(args.reps):
-            for name, run in (("A", lambda: reference_run(x, y, args, seed)), ("B", lambda: callback_run(client, args, seed))):
-                clock, net = run()
-                rates[name].append(count / clock.wall)
-                cpu_rates[name].append(count / clock.cpu)
-                accuracy[name].append(training.evaluate(net, x_test, y_test, cpu)[1])
-                report(f"pair {seed} {name}: {rates[name][-1]:7.0f} images/s wall {cpu_rates[name][-1]:7.0f} per CPU-s"
-                       f"  test accuracy {accuracy[name][-1]:.4f}")
+        try:
+            for seed in range(args.reps):
+                for name in ("A", "B"):
+                    wall, cpu_seconds, test_accuracy = workers[name].apply(_pair_run, (seed,))
+                    rates[name].append(count / wall)
+                    cpu_rates[name].append(count / cpu_seconds)
+                    accuracy[name].append(test_accuracy)
+                    report(f"pair {seed} {name}: {rates[name][-1]:7.0f} images/s wall {cpu_rates[name][-1]:7.0f} per CPU-s"
+                           f"  test accuracy {accuracy[name][-1]:.4f}")
+        finally:
+            for pool in workers.values():
+                pool.terminate()
     ratios = [b / a for a, b in zip(rates["A"], rates["B"])]
     cpu_ratios = [b / a for a, b in zip(cpu_rates["A"], cpu_rates["B"])]
     for name, label in (("A", "A reference loop"), ("B", "B train callback")):

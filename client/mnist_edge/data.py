@@ -16,6 +16,8 @@ import hashlib
 import io
 import logging
 import os
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -95,29 +97,39 @@ class Dataset:
 # -- decoding ---------------------------------------------------------------------------------
 
 
+_B64_BODY_LEN = _RAW_B64_LEN - 4  # 1044 characters: 261 whole quads, 783 bytes
+
+
 def _decode_raw_b64_block(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a (rows, 1048) matrix of base64 bytes at once; returns (pixels (rows, 784), ok-mask).
+    """Decode a (rows, 1048) matrix of base64 bytes at once; returns (pixels (rows, 784), ok-mask)."""
+    pixels = np.empty((len(raw), IMAGE_BYTES), dtype=np.uint8)
+    ok = _decode_raw_b64(np.ascontiguousarray(raw[:, :_B64_BODY_LEN]), raw[:, _B64_BODY_LEN:], pixels)
+    return pixels, ok
+
+
+def _decode_raw_b64(body: np.ndarray, tail: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Decode raw images into ``pixels`` (rows, 784) from their first 1044 and last 4 characters; returns ok.
 
     Per-row ``b64decode`` dominates a naive reader. The first 1044 characters of every row are
-    whole quads, so one C call decodes the whole block; only the last pixel ("xy==") is done with
-    a lookup table. A block with any invalid row takes the lookup table for every character, which
-    also says which rows are bad (they then go through :func:`decode_image` for the reason).
+    whole quads, so one C call decodes the whole block (``body``, C-contiguous); only the last
+    pixel ("xy==") is done with a lookup table. A block with any invalid row takes the lookup table
+    for every character, which also says which rows are bad (they then go through
+    :func:`decode_image` for the reason).
     """
-    rows, body_len = len(raw), _RAW_B64_LEN - 4
-    tail = _B64_LOOKUP[raw[:, body_len : body_len + 2]]
-    ok = (tail != 255).all(axis=1) & (raw[:, -2:] == ord("=")).all(axis=1)
-    pixels = np.empty((rows, IMAGE_BYTES), dtype=np.uint8)
+    rows = len(body)
+    last = _B64_LOOKUP[tail[:, :2]]
+    ok = (last != 255).all(axis=1) & (tail[:, 2:] == ord("=")).all(axis=1)
     try:
-        body = binascii.a2b_base64(np.ascontiguousarray(raw[:, :body_len]), strict_mode=True)
-        pixels[:, :-1] = np.frombuffer(body, dtype=np.uint8).reshape(rows, IMAGE_BYTES - 1)
+        decoded = binascii.a2b_base64(body, strict_mode=True)
+        pixels[:, :-1] = np.frombuffer(decoded, dtype=np.uint8).reshape(rows, IMAGE_BYTES - 1)
     except binascii.Error:
-        sextets = _B64_LOOKUP[raw[:, :body_len]].reshape(rows, -1, 4)
+        sextets = _B64_LOOKUP[body].reshape(rows, -1, 4)
         ok &= (sextets != 255).all(axis=(1, 2))
         s0, s1, s2, s3 = (sextets[:, :, k] for k in range(4))
         triples = np.stack([(s0 << 2) | (s1 >> 4), (s1 << 4) | (s2 >> 2), (s2 << 6) | s3], axis=-1)
         pixels[:, :-1] = triples.reshape(rows, IMAGE_BYTES - 1)
-    pixels[:, -1] = (tail[:, 0] << 2) | (tail[:, 1] >> 4)
-    return pixels, ok
+    pixels[:, -1] = (last[:, 0] << 2) | (last[:, 1] >> 4)
+    return ok
 
 
 def decode_image(text: str) -> np.ndarray:
@@ -239,6 +251,9 @@ def _image_column(fields: list[_Field]) -> tuple[np.ndarray, np.ndarray]:
 
 _BOM = b"\xef\xbb\xbf"
 _PLAIN_BLOCK_BYTES = 1 << 21  # ~2,000 rows: bounds the reader's memory beside the pixels
+_RAW_ROW_BYTES = 1056  # a raw-image row of a table export, at least: capacity estimate from the file size
+_NEWLINE, _COMMA, _DIGIT_0 = ord("\n"), ord(","), ord("0")
+_MAX_ID_DIGITS = 18  # always fits in int64
 
 
 class _NotPlain(Exception):
@@ -268,6 +283,45 @@ def _sha256(path: Path) -> str:
         while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+class _BackgroundSha256:
+    """sha256 of the blocks handed to :meth:`update`, computed on a worker thread.
+
+    ``hashlib`` releases the GIL on large buffers, so with a second core the fingerprint costs
+    the reader no wall time. At most ``depth`` blocks wait (memory stays bounded on a busy machine).
+    """
+
+    def __init__(self, depth: int = 4) -> None:
+        self._digest = hashlib.sha256()
+        self._blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shard-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (block := self._blocks.get()) is not None:
+                self._digest.update(block)
+        except BaseException as error:  # keep taking blocks so the reader never waits; hexdigest raises
+            self._error = error
+            while self._blocks.get() is not None:
+                pass
+
+    def update(self, block: bytes) -> None:
+        self._blocks.put(block)
+
+    def close(self) -> None:
+        """Stop the worker once the queued blocks are hashed; idempotent."""
+        if self._thread.is_alive():
+            self._blocks.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self._digest.hexdigest()
 
 
 def _header_columns(path: Path, header: list[str] | None) -> tuple[int, int, int]:
@@ -365,9 +419,35 @@ class _ShardBuilder:
             return
         self._append(pixels.reshape(1, IMAGE_BYTES), np.array([value]), np.array([label_value]))
 
+    def _reserve(self, rows: int) -> None:
+        """Room for ``rows`` more rows. Growing is a ``realloc`` of each array (``mremap`` for
+        arrays this big on Linux), so the pixels are not copied and the peak stays ~ the pixels."""
+        needed = self.count + rows
+        if needed > len(self.labels):
+            capacity = max(needed, len(self.labels) * 3 // 2 + 1024)
+            for array in (self.images, self.image_ids, self.labels):
+                array.resize((capacity,) + array.shape[1:], refcheck=False)
+
+    def add_decoded(
+        self, image_ids: np.ndarray, labels: np.ndarray, body: np.ndarray, tail: np.ndarray
+    ) -> bool:
+        """Add rows whose ids and labels are parsed and whose raw images are still base64
+        (:func:`_decode_raw_b64`), decoding straight into the pixel array. If any image is not
+        valid, nothing is added and False is returned (the caller then takes the per-row path)."""
+        n = len(labels)
+        self._reserve(n)
+        start, end = self.count, self.count + n
+        if not _decode_raw_b64(body, tail, self.images[start:end].reshape(n, IMAGE_BYTES)).all():
+            return False
+        self.image_ids[start:end] = image_ids
+        self.labels[start:end] = labels
+        self.count = end
+        return True
+
     def _append(self, pixels: np.ndarray, image_ids: np.ndarray, labels: np.ndarray) -> None:
         start, end = self.count, self.count + len(labels)
         if end > start:
+            self._reserve(len(labels))
             self.images[start:end] = pixels.reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
             self.image_ids[start:end] = image_ids
             self.labels[start:end] = labels
@@ -404,39 +484,152 @@ def _read_csv(path: Path, capacity: int, labels_required: bool) -> _ShardBuilder
     return builder
 
 
-def _read_plain(path: Path, capacity: int, labels_required: bool) -> tuple[_ShardBuilder, str]:
-    """A plain file (see :func:`_is_plain`) by splitting bytes: same fields and line numbers.
+def _read_plain(path: Path, labels_required: bool) -> tuple[_ShardBuilder, str]:
+    """A plain file (see :func:`_is_plain`) by locating fields in bytes: same fields and line numbers.
 
     ``csv.reader`` walks every character of every 1048-character image and decodes the file
-    to text first; on a plain file ``bytes.split`` gives the same rows several times faster.
-    The file is hashed as it is read. Raises :class:`_NotPlain` at the first block that is not.
+    to text first; on a plain file the fields are where the commas and newlines are. The file
+    is hashed as it is read, on a worker thread. Raises :class:`_NotPlain` at the first block
+    that is not plain.
     """
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        head = handle.readline()
-        digest.update(head)
-        head = head[len(_BOM) :] if head.startswith(_BOM) else head
-        if not _is_plain(head):
-            raise _NotPlain
-        columns = _header_columns(path, next(csv.reader([head.decode("ascii")]), None))
-        builder = _ShardBuilder(path, capacity, columns, labels_required)
-        line, rest = 2, b""
-        while block := handle.read(_PLAIN_BLOCK_BYTES):
-            if block.endswith(b"\r"):
-                block += handle.read(1)  # keep a CRLF in one block
-            digest.update(block)
-            if not _is_plain(block):
+    digest = _BackgroundSha256()
+    try:
+        with open(path, "rb") as handle:
+            head = handle.readline()
+            digest.update(head)
+            head = head[len(_BOM) :] if head.startswith(_BOM) else head
+            if not _is_plain(head):
                 raise _NotPlain
-            texts = (block.replace(b"\r\n", b"\n") if b"\r" in block else block).split(b"\n")
-            texts[0] = rest + texts[0]
-            rest = texts.pop()  # the line the next block completes
-            line = _add_plain_lines(builder, texts, line)
-        _add_plain_lines(builder, [rest] if rest else [], line)
-        return builder, digest.hexdigest()
+            columns = _header_columns(path, next(csv.reader([head.decode("ascii")]), None))
+            capacity = os.fstat(handle.fileno()).st_size // _RAW_ROW_BYTES + 1
+            builder = _ShardBuilder(path, capacity, columns, labels_required)
+            blocks = _PlainBlocks(builder)
+            while block := handle.read(_PLAIN_BLOCK_BYTES):
+                if block.endswith(b"\r"):
+                    block += handle.read(1)  # keep a CRLF in one block
+                digest.update(block)
+                if not _is_plain(block):
+                    raise _NotPlain
+                blocks.add(block.replace(b"\r\n", b"\n") if b"\r" in block else block)
+            blocks.finish()
+            return builder, digest.hexdigest()
+    finally:
+        digest.close()
+
+
+class _PlainBlocks:
+    """Splits a plain file's blocks into complete lines and hands them to the builder.
+
+    The usual lines (every one has the needed fields, plain decimal ids, one-digit or, where
+    allowed, empty labels, 1048-character raw images that all decode) are located with numpy and
+    added in bulk, decoding straight into the pixel array; any other run of lines goes line by
+    line through :func:`_add_plain_lines`, which finds and reports the bad rows. The byte-flag
+    array is reused from block to block (a fresh 2 MB buffer costs page faults on every block).
+    """
+
+    def __init__(self, builder: _ShardBuilder) -> None:
+        self.builder = builder
+        self.line = 2  # the number of the next line
+        self.rest = b""  # the start of a line that the next block completes
+        self._flags = np.empty(0, dtype=bool)
+
+    def add(self, block: bytes) -> None:
+        first, cut = block.find(b"\n") + 1, block.rfind(b"\n") + 1
+        if not first:
+            self.rest += block
+            return
+        self._add_text(self.rest + block[:first])  # the line that straddles two blocks
+        if cut > first:
+            self._add(block, first, cut)
+        self.rest = block[cut:]
+
+    def finish(self) -> None:
+        if self.rest:
+            self._add_text(self.rest + b"\n")
+            self.rest = b""
+
+    def _add_text(self, text: bytes) -> None:
+        self._add(text, 0, len(text))
+
+    def _add(self, text: bytes, start: int, end: int) -> None:
+        """Lines ``text[start:end]`` (``end`` just past a newline)."""
+        buffer = np.frombuffer(text, dtype=np.uint8, count=end - start, offset=start)
+        lines = self._add_regular(buffer)
+        if lines is None:
+            texts = text[start:end].split(b"\n")[:-1]
+            lines = len(texts)
+            _add_plain_lines(self.builder, texts, self.line)
+        self.line += lines
+
+    def _positions(self, buffer: np.ndarray, byte: int) -> np.ndarray:
+        if len(self._flags) < len(buffer):
+            self._flags = np.empty(len(buffer), dtype=bool)
+        return np.flatnonzero(np.equal(buffer, byte, out=self._flags[: len(buffer)]))
+
+    def _add_regular(self, buffer: np.ndarray) -> int | None:
+        """Add the lines in bulk and return their count, or None (nothing added) if they are not regular."""
+        builder = self.builder
+        ends = self._positions(buffer, _NEWLINE)
+        starts = np.empty_like(ends)
+        starts[0], starts[1:] = 0, ends[:-1] + 1
+        if int((ends - starts).max()) > csv.field_size_limit():
+            return None  # the per-line path raises csv.Error if a field is that long
+        commas = self._positions(buffer, _COMMA)
+        first = np.searchsorted(commas, starts)
+        count = np.searchsorted(commas, ends) - first
+        width = builder.width
+        if len(commas) == 0 or int(count.min()) < width - 1:
+            return None  # short or blank lines
+
+        def field(column: int) -> tuple[np.ndarray, np.ndarray]:
+            begin = starts if column == 0 else commas[first + column - 1] + 1
+            if column < width - 1:
+                return begin, commas[first + column]
+            return begin, np.where(count > column, commas[np.minimum(first + column, len(commas) - 1)], ends)
+
+        id_col, label_col, image_col = builder.columns
+        image_ids = _digits(buffer, *field(id_col))
+        labels = _one_digit_labels(buffer, *field(label_col), builder.labels_required)
+        begin, end = field(image_col)
+        if image_ids is None or labels is None or not bool((end - begin == _RAW_B64_LEN).all()):
+            return None
+        windows = np.lib.stride_tricks.sliding_window_view(buffer, _B64_BODY_LEN)
+        body = windows[begin]  # (rows, 1044), a C-contiguous copy
+        tail = buffer[begin[:, None] + np.arange(_B64_BODY_LEN, _RAW_B64_LEN)]
+        return len(ends) if builder.add_decoded(image_ids, labels, body, tail) else None
+
+
+def _digits(buffer: np.ndarray, begin: np.ndarray, end: np.ndarray) -> np.ndarray | None:
+    """Fields of 1-18 ASCII digits as int64, or None if any field is not (as :func:`_int_column`)."""
+    lengths = end - begin
+    if int(lengths.min()) < 1 or int(lengths.max()) > _MAX_ID_DIGITS:
+        return None
+    width = int(lengths.max())
+    positions = end[:, None] - width + np.arange(width)  # right-aligned: the ones digit last
+    inside = positions >= begin[:, None]
+    digits = buffer[np.maximum(positions, 0)].astype(np.int64) - _DIGIT_0
+    if not bool((((digits >= 0) & (digits <= 9)) | ~inside).all()):
+        return None
+    return (np.where(inside, digits, 0) * 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)).sum(axis=1)
+
+
+def _one_digit_labels(
+    buffer: np.ndarray, begin: np.ndarray, end: np.ndarray, labels_required: bool
+) -> np.ndarray | None:
+    """Labels of one ASCII digit (or empty where allowed: NO_LABEL), or None (as :func:`_label_column`)."""
+    lengths = end - begin
+    empty = lengths == 0
+    if int(lengths.max()) > 1 or (labels_required and bool(empty.any())):
+        return None
+    digits = buffer[np.minimum(begin, len(buffer) - 1)].astype(np.int64) - _DIGIT_0
+    if not bool(((digits >= 0) & (digits <= 9) | empty).all()):
+        return None
+    return np.where(empty, NO_LABEL, digits)
 
 
 def _add_plain_lines(builder: _ShardBuilder, texts: list[bytes], line: int) -> int:
-    """Hand complete lines (line numbers from ``line``) to the builder; returns the next number."""
+    """Hand complete lines (line numbers from ``line``) to the builder one by one (bytes split
+    into fields); returns the next number."""
     if not texts:
         return line
     limit = csv.field_size_limit()
@@ -462,11 +655,10 @@ def read_shard(path: str | Path, labels_required: bool = True) -> Shard:
     """Read one CSV shard; bad rows are skipped and listed, unusable files raise DataError."""
     path = Path(path)
     try:
-        capacity = _count_lines(path)
         try:
-            builder, sha256 = _read_plain(path, capacity, labels_required)
+            builder, sha256 = _read_plain(path, labels_required)
         except _NotPlain:
-            builder, sha256 = _read_csv(path, capacity, labels_required), _sha256(path)
+            builder, sha256 = _read_csv(path, _count_lines(path), labels_required), _sha256(path)
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text, expected a CSV file ({error.reason} at byte {error.start})") from None
     except csv.Error as error:
@@ -616,4 +808,14 @@ def write_shard(
         for image_id, label, pixels in zip(image_ids, labels, images):
             label_text = "" if int(label) == NO_LABEL else int(label)
             writer.writerow([int(image_id), label_text, encode_image(pixels, fmt), "", "", ""])
+    return path
+
+
+def write_predictions(path: Path, image_ids: np.ndarray, predicted: np.ndarray, confidence: np.ndarray) -> Path:
+    """The prediction-result schema: ``image_id,label,confidence`` (label = predicted digit)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["image_id", "label", "confidence"])
+        writer.writerows(zip(image_ids.tolist(), predicted.tolist(), np.round(confidence.astype(np.float64), 6).tolist()))
     return path

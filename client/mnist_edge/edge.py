@@ -8,17 +8,18 @@ chokes on anything else).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 from scaleout import ScaleoutModel
 from scaleoututil.helpers.helpers import get_helper
+from scaleoututil.helpers.plugins.numpyhelper import Helper as NumpyHelper
 
 from . import data, model, training
 from .settings import parse_settings
@@ -64,8 +65,32 @@ def params_from(scaleout_model: ScaleoutModel) -> list[np.ndarray]:
     return params
 
 
+class UpdateHelper(NumpyHelper):
+    """scaleout's numpyhelper, writing the same npz (members ``0.npy``, ``1.npy``, ...) faster.
+
+    The stock ``save`` is ``np.savez_compressed`` (zlib level 6). Float32 weights barely
+    compress beyond what deflate level 1 finds, so level 1 gives an npz of nearly the same size
+    in less time; the server's and combiner's stock numpyhelper load it unchanged
+    (``helper_type`` stays ``numpyhelper``).
+    """
+
+    def save(self, weights, path=None, file_type="npz"):
+        if file_type != "npz":
+            return super().save(weights, path, file_type)
+        path = path or self.get_tmp_path()
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as npz:
+            for index, array in enumerate(weights):
+                with npz.open(f"{index}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+        return path
+
+
+UPDATE_HELPER = UpdateHelper()
+
+
 def to_scaleout_model(params: list[np.ndarray]) -> ScaleoutModel:
-    return ScaleoutModel.from_training_model(params, HELPER)
+    """The update as a ScaleoutModel in the numpyhelper format (see :class:`UpdateHelper`)."""
+    return ScaleoutModel.from_training_model(params, UPDATE_HELPER)
 
 
 class EdgeTasks:
@@ -176,7 +201,7 @@ class EdgeTasks:
         dataset = data.load_dataset(self._predict_location(params), labels_required=False)
         predicted, confidence = training.predict(self.net, dataset.images, self.device, self.client.check_task_abort)
         output = Path(params.get("output") or self.data_dir / "predictions" / f"{scaleout_model.model_id}.csv")
-        write_predictions(output, dataset.image_ids, predicted, confidence)
+        data.write_predictions(output, dataset.image_ids, predicted, confidence)
         summary: dict[str, Any] = {
             "model_id": scaleout_model.model_id,
             "count": len(predicted),
@@ -193,16 +218,6 @@ class EdgeTasks:
                                     for k, v in summary.items()})
         log.info("predicted %d images into %s", len(predicted), output)
         return summary
-
-
-def write_predictions(path: Path, image_ids: np.ndarray, predicted: np.ndarray, confidence: np.ndarray) -> Path:
-    """The prediction-result schema: ``image_id,label,confidence`` (label = predicted digit)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["image_id", "label", "confidence"])
-        writer.writerows(zip(image_ids.tolist(), predicted.tolist(), np.round(confidence.astype(np.float64), 6).tolist()))
-    return path
 
 
 def register(client: Any, data_dir: str | Path | None = None) -> EdgeTasks:

@@ -101,15 +101,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict every row of a dataset into ``image_id,label,confidence`` CSV."""
-    from .edge import write_predictions  # edge imports scaleout: only load it when predicting
-
     net = model.Net()
     model.set_parameters(net, model.load_model_file(args.model), args.model)
     dataset = data.load_dataset(args.dataset, labels_required=False)
     with _progress(math.ceil(len(dataset) / training.EVAL_BATCH), "predict") as bar:
         predicted, confidence = training.predict(net, dataset.images, on_batch=bar.update)
     result = output_path(args.result, DEFAULT_RESULT_NAME)
-    write_predictions(result, dataset.image_ids, predicted, confidence)
+    data.write_predictions(result, dataset.image_ids, predicted, confidence)
     print(f"predicted {len(predicted)} images into {result}"
           + (f" ({dataset.rows_skipped} rows skipped)" if dataset.rows_skipped else ""))
     labelled = dataset.labels != data.NO_LABEL

@@ -7,6 +7,10 @@ task abort and report progress without this module knowing who is listening.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import platform
 from dataclasses import dataclass
 from typing import Callable
 
@@ -105,6 +109,37 @@ def memory_format_for(bf16: bool, device: torch.device) -> torch.memory_format:
     return torch.channels_last if bf16 and device.type == "cpu" else torch.contiguous_format
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+ALLOCATOR_MMAP_THRESHOLD = 32 << 20
+ALLOCATOR_TRIM_THRESHOLD = 256 << 20
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed training buffers instead of returning them to the system (once per process).
+
+    A CPU training step allocates and frees tens of MB (activations, gradients, bf16 copies);
+    with glibc's defaults many of those blocks are ``mmap``-ed, unmapped and faulted back in every
+    step. Serving blocks up to 32 MB from the heap and keeping up to 256 MB of free heap made a
+    bf16 step ~25 % faster on the reference machine (median ~53 -> ~40 ms, see README
+    Performance); the process keeps its peak memory. glibc only; skipped where the user chose
+    (``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set). Returns whether it applied.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    mmap = mallopt(_M_MMAP_THRESHOLD, ALLOCATOR_MMAP_THRESHOLD)
+    trim = mallopt(_M_TRIM_THRESHOLD, ALLOCATOR_TRIM_THRESHOLD)
+    return bool(mmap and trim)
+
+
 def make_optimizer(name: str, params, learning_rate: float) -> torch.optim.Optimizer:
     if name == "adadelta":
         return torch.optim.Adadelta(params, lr=learning_rate)
@@ -131,6 +166,8 @@ def train(
     ``LOG_EVERY_BATCHES`` batches and at the end of every epoch.
     """
     device = device or select_device()
+    if device.type == "cpu":
+        keep_freed_memory()
     bf16 = use_bf16(settings.precision, device)
     memory_format = memory_format_for(bf16, device)
     net.to(device, memory_format=memory_format).train()
@@ -167,7 +204,10 @@ def _train_epochs(
     for _epoch in range(settings.epochs):
         order = torch.randperm(n, generator=generator)
         loss_sum, correct, seen = 0.0, 0, 0
-        window_loss, window_correct, window_seen = 0.0, 0, 0
+        # The window's sums stay tensors until they are reported: no device sync per batch.
+        window_loss = torch.zeros((), dtype=torch.float64, device=device)
+        window_correct = torch.zeros((), dtype=torch.int64, device=device)
+        window_seen = 0
         for start in range(0, n, settings.batch_size):
             if on_batch is not None:
                 on_batch()
@@ -181,15 +221,19 @@ def _train_epochs(
             loss.backward()
             optimizer.step()
             batches += 1
-            batch_loss = loss.item() * len(y)
-            batch_correct = int((output.argmax(1) == y).sum())
-            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(y)
-            window_loss, window_correct, window_seen = (
-                window_loss + batch_loss, window_correct + batch_correct, window_seen + len(y)
-            )
-            if on_metrics is not None and batches % LOG_EVERY_BATCHES == 0:
-                on_metrics({"training_loss": window_loss / window_seen, "training_accuracy": window_correct / window_seen})
-                window_loss, window_correct, window_seen = 0.0, 0, 0
+            with torch.no_grad():
+                window_loss += loss.detach().double() * len(y)
+                window_correct += (output.argmax(1) == y).sum()
+            window_seen += len(y)
+            if batches % LOG_EVERY_BATCHES == 0 or start + settings.batch_size >= n:
+                total_loss, total_correct = window_loss.item(), int(window_correct.item())
+                loss_sum, correct, seen = loss_sum + total_loss, correct + total_correct, seen + window_seen
+                if on_metrics is not None and batches % LOG_EVERY_BATCHES == 0:
+                    on_metrics({"training_loss": total_loss / window_seen,
+                                "training_accuracy": total_correct / window_seen})
+                window_loss.zero_()
+                window_correct.zero_()
+                window_seen = 0
         if on_metrics is not None:
             on_metrics({"training_loss": loss_sum / seen, "training_accuracy": correct / seen})
     return TrainResult(n, settings.epochs, loss_sum / max(seen, 1), correct / max(seen, 1), batches)
