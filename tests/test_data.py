@@ -214,3 +214,26 @@ def test_cache_reuses_decoded_shards_until_a_file_changes(tmp_path, mnist5k):
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
     second = data.load_split(tmp_path, "train")
     assert second is not first and len(second) == 25
+
+
+def test_bulk_and_row_by_row_paths_agree_on_good_and_bad_rows(tmp_path, mnist5k):
+    """A plain ASCII file takes the bulk path; quoting one field sends it through csv.reader."""
+    images, labels = mnist5k
+    rows = [f"{i},{labels[i]},{b64_raw(images[i])},,," for i in range(3000)]
+    rows[10] = f"10,{labels[10]},###,,,"  # bad base64
+    rows[2500] = f"x,{labels[2500]},{b64_raw(images[2500])},,,"  # bad id
+    rows[2999] = f"2999,,{b64_png(images[2999])},,,"  # missing label
+    rows[1234] = f"1234,{labels[1234]},{b64_png(images[1234])},,,"  # a valid PNG among raw rows
+    write(tmp_path / "plain.csv", [HEADER] + rows)
+    quoted = [HEADER] + rows[:-1] + [rows[-1].replace(",,,", ',"quoted, field",,')]
+    write(tmp_path / "quoted.csv", quoted)
+    plain, slow = data.read_shard(tmp_path / "plain.csv"), data.read_shard(tmp_path / "quoted.csv")
+    for shard in (plain, slow):
+        assert len(shard.labels) == 2997 and shard.rows_skipped == 3
+        assert [(b.line, b.reason.split(" ")[0]) for b in shard.bad_rows] == [(12, "image"), (2502, "image_id"),
+                                                                               (3001, "label")]
+    np.testing.assert_array_equal(plain.images, slow.images)
+    np.testing.assert_array_equal(plain.image_ids, slow.image_ids)
+    keep = np.setdiff1d(np.arange(3000), [10, 2500, 2999])
+    np.testing.assert_array_equal(plain.images, images[keep])
+    np.testing.assert_array_equal(plain.labels, labels[keep])
