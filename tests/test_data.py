@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist_edge import data
+from mnist_edge import data, shards
 from mnist_edge.data import DataError
 
 HEADER = "image_id,label,image,start_datetime,end_datetime,location"
@@ -216,8 +216,14 @@ def test_cache_reuses_decoded_shards_until_a_file_changes(tmp_path, mnist5k):
     assert second is not first and len(second) == 25
 
 
-def test_bulk_and_row_by_row_paths_agree_on_good_and_bad_rows(tmp_path, mnist5k):
-    """A plain ASCII file takes the bulk path; quoting one field sends it through csv.reader."""
+@pytest.mark.parametrize("decoder", ["default", "stdlib"])
+def test_bulk_and_row_by_row_paths_agree_on_good_and_bad_rows(tmp_path, mnist5k, monkeypatch, decoder):
+    """A plain ASCII file takes the bulk path; quoting one field sends it through csv.reader.
+
+    Both with the compiled base64 decoder (pybase64) and with the stdlib fallback.
+    """
+    if decoder == "stdlib":
+        monkeypatch.setattr(shards, "_b64decode_strict", shards._stdlib_b64decode_strict)
     images, labels = mnist5k
     rows = [f"{i},{labels[i]},{b64_raw(images[i])},,," for i in range(3000)]
     rows[10] = f"10,{labels[10]},###,,,"  # bad base64

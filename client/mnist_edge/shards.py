@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
-import functools
 import hashlib
 import io
 import os
@@ -40,7 +39,21 @@ _CHUNK_ROWS = 4096
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _B64_LOOKUP = np.full(256, 255, dtype=np.uint8)
 _B64_LOOKUP[np.frombuffer(_B64_ALPHABET, dtype=np.uint8)] = np.arange(64, dtype=np.uint8)
-_A2B_STRICT = functools.partial(binascii.a2b_base64, strict_mode=True)
+
+
+def _stdlib_b64decode_strict(data) -> bytes:
+    return binascii.a2b_base64(data, strict_mode=True)
+
+
+try:  # SIMD base64 (AVX2/AVX-512/NEON): ~5x faster than binascii on image blocks; same errors
+    import pybase64
+
+    def _b64decode_strict(data) -> bytes:
+        """Strict base64 decode of a bytes-like; raises ``binascii.Error`` on any bad character."""
+        return pybase64.b64decode(data, validate=True)
+
+except ImportError:  # pragma: no cover - pybase64 is a declared dependency; binascii still works
+    _b64decode_strict = _stdlib_b64decode_strict
 
 
 class DataError(ValueError):
@@ -89,7 +102,7 @@ def _decode_raw_b64(body: np.ndarray, tail: np.ndarray, pixels: np.ndarray) -> n
     """Decode raw images into ``pixels`` (rows, 784) from their first 1044 and last 4 characters; returns ok.
 
     Per-row ``b64decode`` dominates a naive reader. The first 1044 characters of every row are
-    whole quads, so one C call decodes the whole block (``body``, C-contiguous); only the last
+    whole quads, so one call of a compiled decoder decodes the whole block (``body``, C-contiguous); only the last
     pixel ("xy==") is done with a lookup table. A block with any invalid row takes the lookup table
     for every character, which also says which rows are bad (they then go through
     :func:`decode_image` for the reason).
@@ -98,7 +111,7 @@ def _decode_raw_b64(body: np.ndarray, tail: np.ndarray, pixels: np.ndarray) -> n
     last = _B64_LOOKUP[tail[:, :2]]
     ok = (last != 255).all(axis=1) & (tail[:, 2:] == ord("=")).all(axis=1)
     try:
-        decoded = binascii.a2b_base64(body, strict_mode=True)
+        decoded = _b64decode_strict(body)
         pixels[:, :-1] = np.frombuffer(decoded, dtype=np.uint8).reshape(rows, IMAGE_BYTES - 1)
     except binascii.Error:
         sextets = _B64_LOOKUP[body].reshape(rows, -1, 4)
@@ -201,7 +214,7 @@ def _image_column(fields: list[_Field]) -> tuple[np.ndarray, np.ndarray]:
     n = len(fields)
     if min(map(len, fields)) == max(map(len, fields)) == _RAW_B64_LEN:
         try:  # the usual case: all raw and valid. Strict decoding gives 784-786 bytes a row, so
-            decoded = b"".join(map(_A2B_STRICT, fields))  # the total is 784n only if each is 784
+            decoded = b"".join(map(_b64decode_strict, fields))  # the total is 784n only if each is 784
             if len(decoded) == n * IMAGE_BYTES:
                 return np.frombuffer(decoded, dtype=np.uint8).reshape(n, IMAGE_BYTES), np.ones(n, dtype=bool)
         except ValueError:  # binascii.Error, or non-ASCII text
