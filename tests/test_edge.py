@@ -21,7 +21,7 @@ from scaleout.client.task_receiver import StoppedException
 
 from conftest import CLIENT_DIR
 
-from mnist_edge import data, edge, model
+from mnist_edge import data, edge, model, training
 from mnist_edge.model import ModelFileError
 from mnist_edge.settings import SettingsError
 
@@ -93,7 +93,9 @@ def test_one_local_epoch_raises_test_accuracy_on_real_mnist(started, seed_path, 
     assert isinstance(updated, ScaleoutModel)
     assert [p.shape for p in updated.get_training_model(edge.HELPER)] == list(model.expected_shapes().values())
     assert meta["training_metadata"] == {"num_examples": 1000, "epochs": 1, "batch_size": 64, "learning_rate": 1.0,
-                                         "optimizer": "adadelta", "precision": meta["training_metadata"]["precision"],
+                                         "optimizer": "adadelta",
+                                         "precision": "bf16" if training.bf16_supported(training.select_device())
+                                         else "fp32",
                                          "seed": 1}
     assert meta["data_fingerprint"] == data.load_split(node_dir, "train").fingerprint
     assert meta["rows_skipped"] == 0 and 0 < meta["training_accuracy"] <= 1

@@ -134,7 +134,7 @@ class EdgeTasks:
                 "batch_size": settings.batch_size,
                 "learning_rate": settings.learning_rate,
                 "optimizer": settings.optimizer,
-                "precision": "bf16" if training.use_bf16(settings.precision, self.device) else "fp32",
+                "precision": result.precision,
                 "seed": settings.seed,
             },
             "training_loss": result.training_loss,

@@ -67,11 +67,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.init:
         model.set_parameters(net, model.load_model_file(args.init), args.init)
     dataset = data.load_dataset(args.dataset, labels_required=True)
-    device = training.select_device()
     batches = settings.epochs * math.ceil(len(dataset) / settings.batch_size)
     with _progress(batches, "train") as bar:
         result = training.train(net, dataset.images, dataset.labels, settings, on_batch=bar.update,
-                                on_metrics=bar.set_postfix, device=device)
+                                on_metrics=bar.set_postfix)
     _save(model.get_parameters(net), out)
     meta: dict[str, Any] = {
         "model_kind": MODEL_KIND,
@@ -82,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "learning_rate": settings.learning_rate,
         "optimizer": settings.optimizer,
         "seed": settings.seed,
-        "precision": "bf16" if training.use_bf16(settings.precision, device) else "fp32",
+        "precision": result.precision,
         "init": args.init,
         "data_fingerprint": dataset.fingerprint,
         "rows_skipped": dataset.rows_skipped,

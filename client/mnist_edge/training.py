@@ -38,6 +38,7 @@ class TrainResult:
     training_loss: float
     training_accuracy: float
     batches: int
+    precision: str  # what the compute used: "bf16" or "fp32" (``auto`` resolved)
 
 
 def select_device() -> torch.device:
@@ -236,7 +237,8 @@ def _train_epochs(
                 window_seen = 0
         if on_metrics is not None:
             on_metrics({"training_loss": loss_sum / seen, "training_accuracy": correct / seen})
-    return TrainResult(n, settings.epochs, loss_sum / max(seen, 1), correct / max(seen, 1), batches)
+    return TrainResult(n, settings.epochs, loss_sum / max(seen, 1), correct / max(seen, 1), batches,
+                       "bf16" if bf16 else "fp32")
 
 
 @torch.no_grad()
