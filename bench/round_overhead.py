@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mnist_edge import data, edge, model, training
+from mnist_edge import data, edge, model, runtime, training
 from perf_common import Report, images, machine, median
 
 PARTS = ("decode: ScaleoutModel -> numpy", "decode: numpy -> CNN", "data", "training steps",
@@ -53,7 +53,7 @@ def callback_parts(client, timer: PartTimer, incoming, settings: dict) -> dict[s
     """One train callback; returns seconds per part, "other" and "total"."""
     timer.seconds = dict.fromkeys(PARTS, 0.0)
     start = time.perf_counter()
-    edge.run_task(client, "train", incoming, settings)
+    runtime.run_task(client, "train", incoming, settings)
     total = time.perf_counter() - start
     return {**timer.seconds, "other": total - sum(timer.seconds.values()), "total": total}
 
@@ -81,7 +81,7 @@ def main() -> None:
         node = Path(tmp) / "node"
         pixels, labels = images(args.images)
         data.write_shard(node / "train" / "shard-000.csv", pixels, labels)
-        client = edge.local_client(node)
+        client = runtime.local_client(node)
         callback_parts(client, timer, incoming, settings)  # warm-up: oneDNN builds its kernels on first use
         data.clear_cache()
         runs = [callback_parts(client, timer, incoming, settings)]  # cold: reads the shard

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from mnist_edge import data, edge, model, training
+from mnist_edge import data, edge, model, runtime, training
 from perf_common import Report, images, machine, median
 
 
@@ -47,7 +47,7 @@ class Clock:
         return self
 
 
-class DiscardRuntime(edge.LocalRuntime):
+class DiscardRuntime(runtime.LocalRuntime):
     """The in-process runtime, minus the metric log: B pays for the calls, not for storage."""
 
     def send_metric(self, metrics: dict, model_id: str, step: int, round_id: str, session_id: str) -> bool:
@@ -79,7 +79,7 @@ def callback_run(client, args: argparse.Namespace, seed: int) -> tuple[Clock, mo
     settings = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                 "optimizer": "adadelta", "seed": seed, "precision": args.precision}
     clock = Clock()
-    updated, _metadata = edge.run_task(client, "train", incoming, settings)
+    updated, _metadata = runtime.run_task(client, "train", incoming, settings)
     clock.stop()
     net = model.Net()
     model.set_parameters(net, edge.params_from(updated))
@@ -100,7 +100,7 @@ def _start_worker(contender: str, args: argparse.Namespace, node: Path, warm_nod
         _worker["run"] = lambda seed: reference_run(x, y, args, seed)
     else:
         data.load_split(node, "train")  # a node's shard cache is warm after its first round
-        client, warm_client = (edge.local_client(d, runtime=DiscardRuntime()) for d in (node, warm_node))
+        client, warm_client = (runtime.local_client(d, runtime=DiscardRuntime()) for d in (node, warm_node))
         callback_run(warm_client, args, 0)
         _worker["run"] = lambda seed: callback_run(client, args, seed)
 

@@ -21,12 +21,12 @@ from scaleout.client.task_receiver import StoppedException
 
 from conftest import CLIENT_DIR
 
-from mnist_edge import data, edge, model, training
+from mnist_edge import data, edge, model, runtime, training
 from mnist_edge.model import ModelFileError
 from mnist_edge.settings import SettingsError
 
 
-class RecordingRuntime(edge.LocalRuntime):
+class RecordingRuntime(runtime.LocalRuntime):
     """The in-process runtime, plus an abort raised at a chosen abort check (like the server's)."""
 
     def __init__(self, abort_at_check: int | None = None) -> None:

@@ -1,7 +1,7 @@
 """A whole federation on one machine: FedAvg over the prepared clients, no server, no network.
 
 Every client is a real ``scaleout.EdgeClient`` on an in-process runtime with the callbacks
-``startup.py`` registers (:func:`mnist_edge.edge.local_client`), so what is simulated here is
+``startup.py`` registers (:func:`mnist_edge.runtime.local_client`), so what is simulated here is
 exactly what a node runs. This module only plays the server: it picks clients, averages their
 models weighted by ``num_examples``, and evaluates the global model on the clients' test splits.
 """
@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import data, edge, model, training
+from . import data, edge, model, runtime, training
 from .settings import parse_settings
 
 HISTORY_FIELDS = ("round", "clients", "training_loss", "test_loss", "test_accuracy", "seconds")
@@ -119,7 +119,7 @@ def simulate(
     parse_settings(settings)  # a bad value fails now, not in round 1
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    clients = [edge.local_client(p, workdir=out) for p in client_dirs]
+    clients = [runtime.local_client(p, workdir=out) for p in client_dirs]
     params = model.load_npz(init) if init else model.get_parameters(model.new_model(seed))
     evaluate = Evaluator(client_dirs)
     picker = np.random.default_rng(seed)
@@ -170,7 +170,7 @@ def train_round(
     results, loss_sum = [], 0.0
     for i, client in tqdm(chosen, desc=label, unit="client", leave=False, disable=not progress):
         client_settings = {**settings, "seed": round_seed(seed, round_index, i)}
-        local, meta = edge.run_task(client, "train", global_model, client_settings,
+        local, meta = runtime.run_task(client, "train", global_model, client_settings,
                                     model_id=global_model.model_id, round_id=str(round_index))
         n = int(meta["training_metadata"]["num_examples"])
         results.append((edge.params_from(local), n))
