@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import data, edge, model, runtime, training
-from .settings import parse_settings
+from .settings import SEED_LIMIT, parse_settings
 
 HISTORY_FIELDS = ("round", "clients", "training_loss", "test_loss", "test_accuracy", "seconds")
 
@@ -110,6 +110,8 @@ def simulate(
     """
     if rounds < 1:
         raise SimulationError(f"--rounds must be >= 1, got {rounds}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise SimulationError(f"--seed must be an integer from 0 to 2**63-1, got {seed}")
     client_dirs = find_clients(Path(data_dir))
     per_round = len(client_dirs) if clients_per_round is None else clients_per_round
     if not 1 <= per_round <= len(client_dirs):
@@ -170,8 +172,12 @@ def train_round(
     results, loss_sum = [], 0.0
     for i, client in tqdm(chosen, desc=label, unit="client", leave=False, disable=not progress):
         client_settings = {**settings, "seed": round_seed(seed, round_index, i)}
-        local, meta = runtime.run_task(client, "train", global_model, client_settings,
-                                    model_id=global_model.model_id, round_id=str(round_index))
+        try:
+            local, meta = runtime.run_task(client, "train", global_model, client_settings,
+                                           model_id=global_model.model_id, round_id=str(round_index))
+        except training.TrainingDiverged as error:
+            raise SimulationError(f"round {round_index}, client-{i}: {error}; "
+                                  "the simulation stopped and wrote no model") from None
         n = int(meta["training_metadata"]["num_examples"])
         results.append((edge.params_from(local), n))
         loss_sum += n * (float("nan") if meta["training_loss"] is None else meta["training_loss"])
