@@ -15,12 +15,15 @@ from . import simulate, standalone
 from .data import DataError
 from .model import ModelFileError
 from .partition import PARTITIONS, PartitionError
+from .paths import PathError
 from .prepare import SourceError
 from .settings import SettingsError
 from .simulate import SimulationError
+from .training import TrainingDiverged
 
-# OSError: an output path that cannot be written (its message names the path).
-USER_ERRORS = (DataError, ModelFileError, SourceError, SettingsError, PartitionError, SimulationError, OSError)
+# OSError (paths.OutputError among them): an output path that cannot be written (its message names the path).
+USER_ERRORS = (DataError, ModelFileError, SourceError, SettingsError, PartitionError, SimulationError, PathError,
+               TrainingDiverged, OSError)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

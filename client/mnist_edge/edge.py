@@ -208,7 +208,7 @@ class EdgeTasks:
             name = paths.file_name(model_id, "model id")
             output = paths.inside_data_dir(self.data_dir, f"predictions/{name}.csv", "model id")
         inputs = [data.split_location(self.data_dir, split) for split in data.SPLITS]
-        paths.refuse_inputs(output, inputs, "output")
+        paths.refuse_inputs(output, inputs, "parameter 'output'")
         return output
 
     def predict(self, scaleout_model: ScaleoutModel, params: Mapping[str, Any] | None) -> dict:

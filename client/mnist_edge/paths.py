@@ -33,6 +33,12 @@ class PathError(ValueError):
 class OutputError(OSError):
     """An output could not be written (full disk, read-only, ...); nothing was left at the path."""
 
+    @classmethod
+    def of(cls, path: Path, error: OSError, outcome: str = "") -> OutputError:
+        made = cls(f"{path}: cannot write ({error.strerror or error}){outcome}")
+        made.path, made.cause_errno = path, error.errno  # not OSError's own fields: they would reformat str()
+        return made
+
 
 def inside_data_dir(data_dir: Path, value: object, parameter: str) -> Path:
     """``value`` (relative to ``data_dir``) resolved, if it stays inside ``data_dir``; else PathError."""
@@ -56,13 +62,13 @@ def file_name(value: object, parameter: str) -> str:
     return value
 
 
-def refuse_inputs(path: Path, inputs: Iterable[Path], parameter: str) -> None:
+def refuse_inputs(path: Path, inputs: Iterable[Path], what: str) -> None:
     """PathError if ``path`` is one of ``inputs`` or inside one of them (a split directory)."""
     target = path.resolve()
     for source in inputs:
         source = Path(source).resolve()
         if target == source or source in target.parents:
-            raise PathError(f"parameter {parameter!r}: {path} would replace input data ({source}); "
+            raise PathError(f"{what} {path} would replace input data ({source}); "
                             "write outputs outside the train/test/predict shards")
 
 
@@ -80,7 +86,7 @@ def atomic_write(path: Path, write: Callable[[IO], None], mode: str = "w") -> Pa
         _remove_stale(path)
         fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
     except OSError as error:
-        raise OutputError(error.errno, f"{path}: cannot write ({error.strerror or error})") from error
+        raise OutputError.of(path, error) from error
     try:
         text = {"encoding": "utf-8", "newline": ""} if "b" not in mode else {}
         with os.fdopen(fd, mode, **text) as handle:
@@ -92,8 +98,7 @@ def atomic_write(path: Path, write: Callable[[IO], None], mode: str = "w") -> Pa
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         if isinstance(error, OSError):
-            raise OutputError(error.errno, f"{path}: cannot write ({error.strerror or error}); "
-                                           "nothing was written") from error
+            raise OutputError.of(path, error, "; nothing was written") from error
         raise
     _sync_directory(path.parent)
     return path
@@ -105,7 +110,7 @@ def _check_target(path: Path) -> None:
     except FileNotFoundError:
         return
     except OSError as error:
-        raise OutputError(error.errno, f"{path}: cannot write ({error.strerror or error})") from error
+        raise OutputError.of(path, error) from error
     if stat.S_ISDIR(mode):
         raise PathError(f"{path}: is a directory, expected a file path to write")
     if not stat.S_ISREG(mode):
