@@ -41,6 +41,9 @@ class Node:
 
 
 def node(data_dir: Path, workdir: Path | None = None) -> Node:
+    """A client with this package's callbacks; ``workdir`` (made if missing) gets its ``.model_cache``."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
     recorder = runtime.LocalRuntime()
     return Node(data_dir, runtime.local_client(data_dir, recorder, workdir=workdir), recorder)
 
