@@ -158,20 +158,22 @@ def gzip_bomb(path: Path, prefix: bytes, total: int) -> Path:
 
 
 def peak_rss_mb(code: str, timeout: float = 300) -> tuple[float, str]:
-    """Run ``code`` in a fresh interpreter; (peak RSS in MB above its imports, its stdout).
+    """Run ``code`` in a fresh interpreter; (its peak RSS in MB above the RSS before it, its stdout).
 
-    The code's imports happen first; ``BASE`` is taken after them, so only what ``code``'s body
-    allocates counts. The body must print nothing but what the caller parses.
+    The usual imports happen first; then the kernel's high-water mark is reset (``clear_refs``),
+    so the peak is what ``code`` itself allocated, not the imports' transient peak. ``code`` must
+    print nothing but what the caller parses.
     """
     script = (
-        "import resource, sys\n"
-        "import numpy, torch, PIL.Image, mnist_edge.data, mnist_edge.model, mnist_edge.prepare\n"
-        "BASE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "import numpy, torch, PIL.Image, scaleout, mnist_edge.data, mnist_edge.edge, mnist_edge.prepare\n"
+        "def _status(key):\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "BASE = _status('VmRSS:')\n"
         + code
-        + "\nprint('PEAK', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - BASE) / 1024)\n"
+        + "\nprint('PEAK', (_status('VmHWM:') - BASE) / 1024)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     return float(lines[-1].split()[1]), "\n".join(lines[:-1])
-
