@@ -138,6 +138,18 @@ def test_an_old_rewrite_is_seen_by_its_change_time(tmp_path, mnist5k, monkeypatc
     assert set(data.load_split(tmp_path, "train").labels) == {5}
 
 
+def test_a_same_tick_rewrite_is_caught_by_content(tmp_path, mnist5k, monkeypatch):
+    """Where timestamps cannot tell (a coarse clock: same tick, same size), the recent file is re-hashed."""
+    monkeypatch.setattr(data, "_stamp", lambda status: (status.st_ino, status.st_size))  # what such a filesystem shows
+    images, labels = mnist5k
+    path = data.write_shard(tmp_path / "train" / "s.csv", images[:50], np.full(50, 3))
+    assert set(data.load_split(tmp_path, "train").labels) == {3}
+    with open(path, "r+b") as handle:  # in place: same inode, same size
+        handle.write(data.write_shard(tmp_path / "new.csv", images[:50], np.full(50, 6)).read_bytes())
+    again = data.load_split(tmp_path, "train")
+    assert set(again.labels) == {6} and again.fingerprint == fingerprint_of([path])
+
+
 def test_the_fingerprint_is_of_the_bytes_trained_on(tmp_path, mnist5k):
     images, labels = mnist5k
     files = [data.write_shard(tmp_path / "train" / f"{k}.csv", images[k * 10 : k * 10 + 10], labels[:10])
