@@ -8,6 +8,7 @@ quote other values only when they are short (:func:`describe`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +25,8 @@ WARN_FIRST = 10
 EXCERPT_CHARS = 20
 """Longest value quoted in a message; a longer one is described by its length only."""
 _NAMES_SHOWN = 8
+_NAME_CHARS = 32
+_NAME = re.compile(rf"[\w .-]{{1,{_NAME_CHARS}}}")
 
 
 class DataError(ValueError):
@@ -78,11 +81,15 @@ def header_columns(path: Path, names: list[str]) -> tuple[int, int, int]:
 
 
 def _header_summary(names: list[str]) -> str:
-    """What the first line holds, without quoting data: a headerless shard's line 1 is a row."""
-    if any(len(n) > EXCERPT_CHARS or n.isdigit() for n in names):
+    """What the first line holds, without quoting data: a headerless shard's line 1 is a row.
+
+    Names that look like column names (up to 32 word characters) are listed; others only by length.
+    """
+    if any(n.isdigit() or len(n) > _NAME_CHARS * 4 for n in names):
         return f"line 1 looks like a data row of {len(names)} fields, not a header"
-    shown = ", ".join(names[:_NAMES_SHOWN]) + (f", ... ({len(names)} columns)" if len(names) > _NAMES_SHOWN else "")
-    return f"header has: {shown}"
+    shown = [n if _NAME.fullmatch(n) else f"<{len(n)} characters>" for n in names[:_NAMES_SHOWN]]
+    more = f", ... ({len(names)} columns)" if len(names) > _NAMES_SHOWN else ""
+    return f"header has: {', '.join(shown)}{more}"
 
 
 def parse_int(text: str) -> int:
