@@ -23,6 +23,7 @@ sys.path.insert(0, str(TESTS))
 
 from combiner import INFER, TRAIN, VALIDATE, TestCombiner  # noqa: E402
 from e2e_helpers import EdgeNode, Fleet, package_tarball, prepare_shards, unpack  # noqa: E402
+import numpy as np  # noqa: E402
 from perf_common import Report, machine  # noqa: E402
 
 from mnist_edge import data, model  # noqa: E402
@@ -91,8 +92,12 @@ def main() -> None:
     settled = history[args.settle - 1]
     growth = 100 * (history[-1] - settled) / settled
     peak = 100 * (max(history[args.settle - 1 :]) - settled) / settled
+    rounds = np.arange(args.settle, args.rounds + 1)
+    slope = float(np.polyfit(rounds, history[args.settle - 1 :], 1)[0]) if len(rounds) > 1 else 0.0
     report(f"RSS after round {args.settle}: {settled:.1f} MB; after round {args.rounds}: {history[-1]:.1f} MB; "
-           f"growth {growth:+.2f} % (peak {peak:+.2f} %; target < 5 %)")
+           f"growth {growth:+.2f} % (target < 5 %); highest {peak:+.2f} %; least-squares trend "
+           f"{slope:+.3f} MB per round ({100 * slope * (len(rounds) - 1) / settled:+.2f} % over rounds "
+           f"{args.settle}-{args.rounds})")
     report.save(args.out)
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import subprocess
 import sys
+import textwrap
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -157,23 +159,34 @@ def gzip_bomb(path: Path, prefix: bytes, total: int) -> Path:
     return path
 
 
-def peak_rss_mb(code: str, timeout: float = 300) -> tuple[float, str]:
-    """Run ``code`` in a fresh interpreter; (its peak RSS in MB above the RSS before it, its stdout).
+def peak_rss_mb(cases: dict[str, str], timeout: float = 600) -> dict[str, tuple[float, str]]:
+    """Run each case's code in one fresh interpreter; per case (its peak RSS in MB, what it printed).
 
-    The usual imports happen first; then the kernel's high-water mark is reset (``clear_refs``),
-    so the peak is what ``code`` itself allocated, not the imports' transient peak. ``code`` must
-    print nothing but what the caller parses.
+    The usual imports happen once, first. Before each case the freed memory is returned to the
+    system and the kernel's high-water mark is reset (``clear_refs``), so a case's peak is what
+    its own code allocated, not the imports' or an earlier case's.
     """
-    script = (
-        "import numpy, torch, PIL.Image, scaleout, mnist_edge.data, mnist_edge.edge, mnist_edge.prepare\n"
-        "def _status(key):\n"
-        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        "BASE = _status('VmRSS:')\n"
-        + code
-        + "\nprint('PEAK', (_status('VmHWM:') - BASE) / 1024)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+    script = textwrap.dedent("""
+        import contextlib, ctypes, gc, io, json, sys
+        import numpy, torch, PIL.Image, scaleout, mnist_edge.data, mnist_edge.edge, mnist_edge.prepare
+        def status(key):
+            return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))
+        results = {}
+        for name, code in json.loads(sys.stdin.read()).items():
+            gc.collect()
+            ctypes.CDLL(None).malloc_trim(0)
+            open('/proc/self/clear_refs', 'w').write('5')
+            base, printed = status('VmRSS:'), io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                try:
+                    exec(code, {})
+                except Exception as error:  # one case's failure is its own result, not the others'
+                    print(f"raised {type(error).__name__}: {error}")
+            results[name] = ((status('VmHWM:') - base) / 1024, printed.getvalue().strip())
+        print(json.dumps(results))
+    """)
+    payload = json.dumps({name: textwrap.dedent(code) for name, code in cases.items()})
+    result = subprocess.run([sys.executable, "-c", script], input=payload, capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    return float(lines[-1].split()[1]), "\n".join(lines[:-1])
+    return {name: tuple(value) for name, value in json.loads(result.stdout.strip().splitlines()[-1]).items()}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
-import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,74 +34,103 @@ BOMB_ELEMENTS = 1 << 28  # float32: 1 GiB declared, ~1 MB on disk
 RSS_ALLOWANCE_MB = 60  # what refusing a bomb may cost; allocating it costs 1,000+
 
 
-@pytest.fixture(scope="module")
-def model_bomb(tmp_path_factory, seed_path) -> Path:
-    """A numpyhelper npz whose first array declares 1 GiB; the other seven are the seed's."""
-    params = seed_params(seed_path)
-    others = {f"{i}.npy": p for i, p in enumerate(params) if i}
-    return npz_bomb(tmp_path_factory.mktemp("bomb") / "bomb.npz", "0.npy", (BOMB_ELEMENTS,), others)
-
-
-def test_an_incoming_model_bomb_is_refused_from_its_header(model_bomb):
-    """The server's model as the client hands it over (a ScaleoutModel), read by the callbacks."""
-    code = textwrap.dedent(f"""
-        from scaleout import ScaleoutModel
-        from scaleoututil.helpers.plugins.numpyhelper import Helper
-        from mnist_edge import edge, model
-        class Verbatim(Helper):  # builds the ScaleoutModel around the file's exact bytes
-            def save(self, weights, path=None, file_type="npz"):
-                with open({str(model_bomb)!r}, "rb") as bomb:
-                    path.write(bomb.read())
-                return path
-        incoming = ScaleoutModel.from_training_model([], Verbatim())
-        try:
-            edge.params_from(incoming)
-        except model.ModelFileError as error:
-            print(error)
-    """)
-    peak, out = peak_rss_mb(code)
-    assert "array 0 (conv1.weight) expected shape (32, 1, 3, 3), got (268435456,)" in out
-    assert peak < RSS_ALLOWANCE_MB, f"refusing the bomb cost {peak:.0f} MB"
-
-
-@pytest.mark.parametrize("command", ["predict", "export"])
-def test_a_model_file_bomb_is_refused_by_the_cli(model_bomb, tmp_path, command, mnist5k):
-    images, labels = mnist5k
-    shard = data.write_shard(tmp_path / "s.csv", images[:5], labels[:5])
-    args = {"predict": ["predict", "--model", str(model_bomb), str(shard), str(tmp_path / "r.csv")],
-            "export": ["export", str(model_bomb), str(tmp_path / "m.pth")]}[command]
-    code = textwrap.dedent(f"""
-        import contextlib, io
-        from mnist_edge import cli
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            status = cli.main({args!r})
-        print(status, err.getvalue().strip())
-    """)
-    peak, out = peak_rss_mb(code)
-    assert out.startswith(f"2 error: {model_bomb}: declares 1,079,589,672 bytes of contents, more than the")
-    assert peak < RSS_ALLOWANCE_MB, f"refusing the bomb cost {peak:.0f} MB"
-    assert not (tmp_path / "r.csv").exists() and not (tmp_path / "m.pth").exists()
+@dataclass
+class Measured:
+    cases: dict[str, tuple[float, str]]  # (peak RSS in MB, what the case printed)
+    bomb: Path
+    root: Path
 
 
 def idx_header(dims: list[int]) -> bytes:
     return b"\x00\x00\x08" + bytes([len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
 
 
-@pytest.mark.parametrize("dims,message", [
-    ([2_739_200, 28, 28], "more than the limit of 268,435,456 bytes"),  # declares 2 GiB
-    ([1000, 28, 28], "header says [1000, 28, 28] (784,000 bytes) but the file holds more than that"),
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory, seed_path, mnist5k) -> Measured:
+    """Every bomb of this module opened in one fresh interpreter: (peak RSS MB, what it printed)."""
+    images, labels = mnist5k
+    root = tmp_path_factory.mktemp("bombs")
+    others = {f"{i}.npy": p for i, p in enumerate(seed_params(seed_path)) if i}
+    bomb = npz_bomb(root / "bomb.npz", "0.npy", (BOMB_ELEMENTS,), others)  # 1 GiB declared, ~5 MB
+    shard = data.write_shard(root / "s.csv", images[:5], labels[:5])
+    idx_bombs = {}
+    for name, dims in (("declares-2GiB", [2_739_200, 28, 28]), ("inflates-past", [1000, 28, 28])):
+        (root / name).mkdir()
+        idx_bombs[name] = gzip_bomb(root / name / "train-images-idx3-ubyte.gz", idx_header(dims), 64 << 20)
+    big_png = base64.b64encode(png_bytes(np.zeros((6000, 6000), dtype=np.uint8))).decode()  # 36 MB of pixels
+    pngs = write_lines(root / "png.csv", [HEADER] + [f"{i},3,{big_png},,," for i in range(3)])
+    good = rows(images[:20], labels[:20])
+    huge = "1,2," + "A" * (40 << 20) + ",,,"  # 40 MB on one line
+    long_lines = write_lines(root / "long.csv", [HEADER, *good[:10], huge, *good[10:], huge[:200_000]])
+    cli_run = """
+        import contextlib, io
+        from mnist_edge import cli
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            status = cli.main({args!r})
+        print(status, err.getvalue().strip())
+    """
+    cases = {
+        "incoming-model": f"""
+            from scaleout import ScaleoutModel
+            from scaleoututil.helpers.plugins.numpyhelper import Helper
+            from mnist_edge import edge, model
+            class Verbatim(Helper):  # builds the ScaleoutModel around the file's exact bytes
+                def save(self, weights, path=None, file_type="npz"):
+                    with open({str(bomb)!r}, "rb") as source:
+                        path.write(source.read())
+                    return path
+            incoming = ScaleoutModel.from_training_model([], Verbatim())
+            try:
+                edge.params_from(incoming)
+            except model.ModelFileError as error:
+                print(error)
+        """,
+        "cli-predict": cli_run.format(args=["predict", "--model", str(bomb), str(shard), str(root / "r.csv")]),
+        "cli-export": cli_run.format(args=["export", str(bomb), str(root / "m.pth")]),
+        **{f"idx-{name}": f"""
+            from pathlib import Path
+            from mnist_edge.prepare import SourceError, read_idx
+            try:
+                read_idx(Path({str(path)!r}))
+            except SourceError as error:
+                print(error)
+        """ for name, path in idx_bombs.items()},
+        "png": f"""
+            from mnist_edge import data
+            shard = data.read_shard({str(pngs)!r})
+            print(shard.rows_skipped, shard.bad_rows[0].reason)
+        """,
+        "long-lines": f"""
+            from mnist_edge import data
+            shard = data.read_shard({str(long_lines)!r})
+            print(len(shard.labels), shard.rows_skipped, *[f"{{b.line}}:{{b.reason}}" for b in shard.bad_rows], sep="|")
+        """,
+    }
+    return Measured(peak_rss_mb(cases), bomb, root)
+
+
+def test_an_incoming_model_bomb_is_refused_from_its_header(measured):
+    """The server's model as the client hands it over (a ScaleoutModel), read by the callbacks."""
+    peak, out = measured.cases["incoming-model"]
+    assert "array 0 (conv1.weight) expected shape (32, 1, 3, 3), got (268435456,)" in out
+    assert peak < RSS_ALLOWANCE_MB, f"refusing the bomb cost {peak:.0f} MB"
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_a_model_file_bomb_is_refused_by_the_cli(measured, command):
+    peak, out = measured.cases[f"cli-{command}"]
+    assert out.startswith(f"2 error: {measured.bomb}: declares 1,079,589,672 bytes of contents, more than the")
+    assert peak < RSS_ALLOWANCE_MB, f"refusing the bomb cost {peak:.0f} MB"
+    assert not (measured.root / "r.csv").exists() and not (measured.root / "m.pth").exists()
+
+
+@pytest.mark.parametrize("case,message", [
+    ("declares-2GiB", "more than the limit of 268,435,456 bytes"),
+    ("inflates-past", "header says [1000, 28, 28] (784,000 bytes) but the file holds more than that"),
 ])
-def test_an_idx_gzip_bomb_is_refused_before_it_is_inflated(tmp_path, dims, message):
-    bomb = gzip_bomb(tmp_path / "train-images-idx3-ubyte.gz", idx_header(dims), 64 << 20)
-    peak, out = peak_rss_mb(textwrap.dedent(f"""
-        from pathlib import Path
-        from mnist_edge.prepare import SourceError, read_idx
-        try:
-            read_idx(Path({str(bomb)!r}))
-        except SourceError as error:
-            print(error)
-    """))
+def test_an_idx_gzip_bomb_is_refused_before_it_is_inflated(measured, case, message):
+    peak, out = measured.cases[f"idx-{case}"]
     assert message in out
     assert peak < 20, f"refusing the IDX bomb cost {peak:.0f} MB"
 
@@ -117,14 +146,8 @@ def test_a_png_claiming_a_huge_size_is_one_bad_row_not_a_failed_task(node_dir, s
     assert str(data.read_shard(shard).bad_rows[0]) == f"{shard}:2: PNG is 20000x20000, expected 28x28"
 
 
-def test_a_large_png_is_refused_from_its_header_without_decoding(tmp_path):
-    big = base64.b64encode(png_bytes(np.zeros((6000, 6000), dtype=np.uint8))).decode()  # 36 MB of pixels
-    shard = write_lines(tmp_path / "s.csv", [HEADER] + [f"{i},3,{big},,," for i in range(3)])
-    peak, out = peak_rss_mb(textwrap.dedent(f"""
-        from mnist_edge import data
-        shard = data.read_shard({str(shard)!r})
-        print(shard.rows_skipped, shard.bad_rows[0].reason)
-    """))
+def test_a_large_png_is_refused_from_its_header_without_decoding(measured):
+    peak, out = measured.cases["png"]
     assert out == "3 PNG is 6000x6000, expected 28x28"
     assert peak < 20, f"three 6000x6000 PNGs cost {peak:.0f} MB to refuse"
 
@@ -136,16 +159,8 @@ def test_a_sixteen_bit_png_keeps_its_gray_levels(tmp_path, mnist5k):
     np.testing.assert_array_equal(shard.images[0], images[0])
 
 
-def test_a_huge_line_is_a_bad_row_found_without_holding_it(tmp_path, mnist5k):
-    images, labels = mnist5k
-    good = rows(images[:20], labels[:20])
-    huge = "1,2," + "A" * (40 << 20) + ",,,"  # 40 MB on one line
-    shard = write_lines(tmp_path / "s.csv", [HEADER, *good[:10], huge, *good[10:], huge[:200_000]])
-    peak, out = peak_rss_mb(textwrap.dedent(f"""
-        from mnist_edge import data
-        shard = data.read_shard({str(shard)!r})
-        print(len(shard.labels), shard.rows_skipped, *[f"{{b.line}}:{{b.reason}}" for b in shard.bad_rows], sep="|")
-    """))
+def test_a_huge_line_is_a_bad_row_found_without_holding_it(measured):
+    peak, out = measured.cases["long-lines"]
     limit = shards.MAX_LINE_BYTES
     assert out == (f"20|2|12:line is longer than {limit} bytes, the limit for one row"
                    f"|23:line is longer than {limit} bytes, the limit for one row")
