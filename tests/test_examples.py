@@ -375,10 +375,10 @@ def home(tmp_path) -> Path:
     return path
 
 
-def train_run(root: Path, table: Path, home: Path, **kwargs) -> Path:
+def train_run(root: Path, table: Path, home: Path, epochs: int = 1, **kwargs) -> Path:
     run = new_run(root, root / "application")
     put(table, run / "input" / "train_dataset" / "dataset.csv")
-    code, output = run_confined("train", run, home, EPOCHS="1", **kwargs)
+    code, output = run_confined("train", run, home, EPOCHS=str(epochs), **kwargs)
     assert code == 0, output
     return run
 
@@ -404,9 +404,10 @@ def test_train_writes_the_model_format_into_output_models(trained, tables):
 
 
 def test_train_in_the_directory_the_platform_starts_it_in(tmp_path, tables, home):
-    """Without RUN_DIR the run directory is the working directory."""
-    models = train_run(tmp_path, tables["b"], home, set_run_dir=False) / "output" / "models"
-    assert json.loads((models / "mnist.xdata-meta.json").read_text())["num_examples"] == 60
+    """Without RUN_DIR the run directory is the working directory; EPOCHS sets the passes."""
+    models = train_run(tmp_path, tables["b"], home, epochs=2, set_run_dir=False) / "output" / "models"
+    meta = json.loads((models / "mnist.xdata-meta.json").read_text())
+    assert (meta["num_examples"], meta["epochs"]) == (60, 2)
 
 
 def test_predict_labels_every_row_with_the_trained_model(tmp_path, trained, tables, home):
