@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from mnist_edge import aggregate, model, standalone
 from mnist_edge.cli import main
 
@@ -120,7 +119,7 @@ def test_a_member_with_non_finite_weights_is_refused(model_set, tmp_path, capsys
 @pytest.mark.parametrize("arrange, message", [
     (lambda root: (root / "0b6e" / "mnist.xdata-meta.json").unlink(), "expected one *.xdata-meta.json"),
     (lambda root: (root / "0b6e" / "mnist.pth").unlink(), "mnist.pth: no such model file"),
-    (lambda root: (root / "notes.txt").write_text("x"), "expected only model directories, found files ['notes.txt']"),
+    (lambda root: (root / "notes.txt").write_text("x"), "only model directories, found files ['notes.txt']"),
     (lambda root: None, "that is one model, not a model_set"),  # the member itself given as the set
 ])
 def test_a_malformed_model_set_is_refused(model_set, tmp_path, capsys, arrange, message):

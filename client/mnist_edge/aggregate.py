@@ -21,8 +21,16 @@ import numpy as np
 
 from . import model
 from .model import ModelFileError
-from .standalone import (DEFAULT_MODEL_NAME, META_SUFFIX, MODEL_KIND, meta_count, meta_path, output_path,
-                         read_meta, shown)
+from .standalone import (
+    DEFAULT_MODEL_NAME,
+    META_SUFFIX,
+    MODEL_KIND,
+    meta_count,
+    meta_path,
+    output_path,
+    read_meta,
+    shown,
+)
 
 
 class ModelSetError(ModelFileError):
@@ -71,7 +79,8 @@ def check_member(directory: Path) -> Member:
                             f"got {shown(meta.get('model_kind'))}")
     num_examples = meta_count(meta, "num_examples", meta_file)
     model_file = meta.get("model_file", DEFAULT_MODEL_NAME)
-    if not isinstance(model_file, str) or Path(model_file).name != model_file or model_file in ("", ".", ".."):
+    plain_name = isinstance(model_file, str) and Path(model_file).name == model_file
+    if not plain_name or model_file in ("", ".", ".."):
         raise ModelSetError(f"{meta_file}: 'model_file' must be a file name inside {directory}, "
                             f"got {shown(model_file)}")
     path = directory / model_file
@@ -80,7 +89,12 @@ def check_member(directory: Path) -> Member:
     fingerprint = meta.get("data_fingerprint")
     return Member(directory, path, num_examples, meta_count(meta, "round", meta_file, default=1),
                   fingerprint if isinstance(fingerprint, str) else None,
-                  hashlib.sha256(path.read_bytes()).hexdigest())
+                  _sha256(path))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def load_params(member: Member) -> list[np.ndarray]:
@@ -118,8 +132,9 @@ def aggregate(model_set: str | Path, out: str | Path) -> tuple[Path, dict[str, A
         "model_file": target.name,
         "aggregation": "fedavg",
         "num_examples": sum(m.num_examples for m in members),
-        "parents": [{"model": m.directory.name, "model_sha256": m.model_sha256, "data_fingerprint": m.data_fingerprint,
-                     "num_examples": m.num_examples, "round": m.round} for m in members],
+        "parents": [{"model": m.directory.name, "model_sha256": m.model_sha256,
+                     "data_fingerprint": m.data_fingerprint, "num_examples": m.num_examples, "round": m.round}
+                    for m in members],
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     meta_path(target).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -128,15 +143,17 @@ def aggregate(model_set: str | Path, out: str | Path) -> tuple[Path, dict[str, A
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
     target, meta = aggregate(args.model_set, args.out)
-    print(f"aggregated {len(meta['parents'])} models ({meta['num_examples']} examples, round {meta['round']}) "
-          f"into {target} and {meta_path(target)}")
+    print(f"aggregated {len(meta['parents'])} models ({meta['num_examples']} examples, "
+          f"round {meta['round']}) into {target} and {meta_path(target)}")
     return 0
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Register ``aggregate`` on the CLI's subparsers."""
-    p = commands.add_parser("aggregate", help="FedAvg a directory of trained models (weighted by num_examples)")
+    p = commands.add_parser("aggregate",
+                            help="FedAvg a directory of trained models (weighted by num_examples)")
     p.add_argument("model_set", metavar="MODEL_SET_DIR",
                    help="a directory of model directories, each with mnist.pth and mnist.xdata-meta.json")
-    p.add_argument("out", metavar="OUT.pth", help=f"model file to write, or a directory ({DEFAULT_MODEL_NAME} inside)")
+    p.add_argument("out", metavar="OUT.pth",
+                   help=f"model file to write, or a directory ({DEFAULT_MODEL_NAME} inside)")
     p.set_defaults(func=cmd_aggregate)
