@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import simulate, standalone
+from . import aggregate, simulate, standalone
 from .data import DataError
 from .model import ModelFileError
 from .partition import PARTITIONS, PartitionError
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_command(commands)
 
     standalone.add_commands(commands)
+    aggregate.add_command(commands)
     return parser
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import data, edge, model, runtime, training
+from .aggregate import fedavg
 from .settings import parse_settings
 
 HISTORY_FIELDS = ("round", "clients", "training_loss", "test_loss", "test_accuracy", "seconds")
@@ -54,15 +55,6 @@ def find_clients(data_dir: Path) -> list[Path]:
         if not data.has_split(path, "test"):
             raise SimulationError(f"{path}: no test split (prepare with --test-fraction > 0)")
     return dirs
-
-
-def fedavg(results: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
-    """Average parameter lists weighted by each client's number of training examples."""
-    total = sum(n for _params, n in results)
-    return [
-        (sum(params[k].astype(np.float64) * n for params, n in results) / total).astype(np.float32)
-        for k in range(len(results[0][0]))
-    ]
 
 
 def round_seed(seed: int, round_index: int, client: int) -> int:

@@ -44,6 +44,43 @@ def meta_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + META_SUFFIX)
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """A meta file as a dict; one that is not a JSON object fails naming the file."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ModelFileError(f"{path}: not a readable JSON meta file ({error})") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``value`` as JSON for an error message, cut to ``limit`` characters (metas are untrusted)."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def meta_count(meta: dict[str, Any], key: str, source: Path, default: int | None = None) -> int:
+    """``meta[key]`` as an integer >= 1 (``default`` when absent, if given), or an error naming both."""
+    if key not in meta and default is not None:
+        return default
+    value = meta.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        found = "no such key" if key not in meta else f"got {shown(value)}"
+        raise ModelFileError(f"{source}: '{key}' must be an integer >= 1 ({found})")
+    return value
+
+
+def lineage_round(init: str | None) -> int:
+    """The ``round`` of a model trained from ``init``: one more than the init's (a meta without
+    ``round`` counts as 1), and 1 from fresh weights or a file with no meta (a seed)."""
+    source = meta_path(Path(init)) if init else None
+    if source is None or not source.is_file():
+        return 1
+    return meta_count(read_meta(source), "round", source, default=1) + 1
+
+
 def _progress(total: int, desc: str) -> tqdm:
     """A tqdm bar on a terminal; silent when stderr is a file or pipe (platform logs)."""
     return tqdm(total=total, desc=desc, unit="batch", disable=None, leave=False)
@@ -74,6 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _save(model.get_parameters(net), out)
     meta: dict[str, Any] = {
         "model_kind": MODEL_KIND,
+        "model_state": "trained",
+        "round": lineage_round(args.init),
         "model_file": out.name,
         "num_examples": result.num_examples,
         "epochs": settings.epochs,
