@@ -20,6 +20,13 @@ CLIENT_DIR = REPO / "client"
 VENV_BIN = Path(sys.executable).parent
 # The scaleout client line under test: "1.0.7" (.venv) or "1.1" (.venv-1.1), as the Makefile's LINE.
 CLIENT_LINE = "1.1" if tuple(int(p) for p in version("scaleout").split(".")[:2]) >= (1, 1) else "1.0.7"
+# Lines a test wants in the run's closing summary (measurements such as the e2e accuracies).
+SUMMARY: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for line in SUMMARY:
+        terminalreporter.write_line(f"[scaleout {version('scaleout')}] {line}")
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from combiner import INFER, TRAIN, VALIDATE, Task, TestCombiner
-from conftest import CLIENT_LINE
+from conftest import CLIENT_LINE, SUMMARY
 from e2e_helpers import (
     EdgeNode,
     Fleet,
@@ -237,6 +237,8 @@ def test_fedavg_accuracy_rises_every_round_and_ends_above_90_percent(
     rounds: list[Round], seed_id: str, fleet: Fleet, held_out: HeldOut
 ) -> None:
     accuracies = [held_out.accuracy(fleet.combiner.get_params(seed_id))] + [r.accuracy for r in rounds]
+    SUMMARY.append("e2e FedAvg held-out accuracy, seed then rounds 1-3: "
+                   + ", ".join(f"{a:.4f}" for a in accuracies))
     assert all(later > earlier for earlier, later in zip(accuracies, accuracies[1:])), accuracies
     assert accuracies[-1] >= 0.90, accuracies
 
