@@ -9,6 +9,7 @@ quirks" section needs the same change. ``test_combiner_e2e.py`` shows how this p
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import uuid
@@ -259,6 +260,15 @@ def test_empty_build_dependencies_make_an_installed_env_unverifiable(tmp_path: P
                                capture_output=True, text=True, timeout=TIMEOUT).stdout.split()[-1]
                 for build in ([], ["pip"])]  # numpy and pip are installed: pip installs nothing
     assert verified == ["False", "True"]
+
+
+@pytest.mark.skipif(not ON_1_1, reason="1.0.7 has no SCALEOUT_VENV_DIR")
+def test_the_managed_env_folder_is_taken_from_scaleout_archive_dir() -> None:
+    probe = "from scaleoututil.config import SCALEOUT_VENV_DIR; print(SCALEOUT_VENV_DIR)"
+    env = {**os.environ, "SCALEOUT_ARCHIVE_DIR": "/srv/archive"}
+    result = subprocess.run([str(VENV_BIN / "python"), "-c", probe], env=env, capture_output=True, text=True,
+                            check=True, timeout=TIMEOUT)
+    assert result.stdout.strip() == "/srv/archive"
 
 
 def test_sigterm_during_a_task_exits_0_and_never_reports_the_task(fleet: Fleet, model_id: str) -> None:
