@@ -98,6 +98,7 @@ class Task:
     seen_statuses: list[str] = field(default_factory=list)
     autonomous: bool = False  # started by the client itself (1.1), registered by its first report
     client_times: tuple[Any, Any] = (None, None)  # 1.1: the client's started_at, completed_at
+    registration_reports: int = 0  # 1.1: reports that carried command_type (1 once acked)
 
     @property
     def correlation_id(self) -> str:
@@ -253,9 +254,10 @@ class TestCombiner:
         with self._lock:
             return self._tasks[correlation_id]
 
-    def tasks(self) -> list[Task]:
+    def tasks_by_id(self) -> dict[str, Task]:
+        """Every task, those the clients started themselves (1.1) included, by correlation id."""
         with self._lock:
-            return list(self._tasks.values())
+            return dict(self._tasks)
 
     # -- what the clients sent, as a server reads it ---------------------------------------
 

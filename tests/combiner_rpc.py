@@ -136,6 +136,7 @@ class CombinerClient(rpc.CombinerClientServicer):
         if activity.response:
             task.response = json.loads(activity.response)
         task.client_times = (field_of(activity, "started_at"), field_of(activity, "completed_at"))
+        task.registration_reports += bool(field_of(activity, "command_type"))
         if activity.done and not task.done:
             task.done, task.finished_at = True, now
 

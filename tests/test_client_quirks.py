@@ -9,6 +9,7 @@ quirks" section needs the same change. ``test_combiner_e2e.py`` shows how this p
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -74,6 +75,16 @@ def startup(client):
     client.set_custom_callback("numpy_result", lambda parameters: {"value": np.float32(1.0)})
     client.set_custom_callback("raises", lambda parameters: 1 / 0)
     client.set_custom_callback("ping", lambda parameters: client.log_attributes({"ping": parameters["token"]}))
+
+    def survey():
+        for step in range(2000):
+            client.check_task_abort()
+            time.sleep(0.05)
+        return {"steps": step}
+
+    if hasattr(client, "start_autonomous_task"):  # scaleout 1.1
+        client.set_custom_callback("start_survey", lambda parameters: client.start_autonomous_task(
+            survey, "survey", parameters).correlation_id)
 '''
 
 
@@ -260,6 +271,22 @@ def test_empty_build_dependencies_make_an_installed_env_unverifiable(tmp_path: P
                                capture_output=True, text=True, timeout=TIMEOUT).stdout.split()[-1]
                 for build in ([], ["pip"])]  # numpy and pip are installed: pip installs nothing
     assert verified == ["False", "True"]
+
+
+@pytest.mark.skipif(not ON_1_1, reason="autonomous tasks are 1.1's")
+def test_an_autonomous_task_registers_with_the_combiner_and_can_be_stopped_by_it(fleet: Fleet) -> None:
+    """The client reports a task it started with command_type until a directive names it back."""
+    combiner = fleet.combiner
+    started = run_one(fleet, "Custom_start_survey", "", {"parameters": {"area": 3}})
+    assert started.status == "COMPLETED"
+    task = combiner.wait_until(lambda: combiner.tasks_by_id().get(started.response), TIMEOUT,
+                               "the autonomous task to register")
+    assert (task.autonomous, task.request.type, task.client_id) == (True, "Autonomous_survey", fleet.ids[0])
+    assert json.loads(task.request.data) == {"area": 3}
+    combiner.interrupt(task.correlation_id)
+    [stopped] = combiner.wait_for_tasks([task.correlation_id], TIMEOUT)
+    assert stopped.status == "INTERRUPTED" and all(stopped.client_times), stopped.client_times
+    assert stopped.registration_reports == 1  # the directive that named it back was the ack
 
 
 @pytest.mark.skipif(not ON_1_1, reason="1.0.7 has no SCALEOUT_VENV_DIR")
