@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from combiner import INFER, TRAIN, VALIDATE, Task, TestCombiner
-from conftest import CLIENT_LINE, VENV_BIN
+from conftest import CLIENT_LINE, MODEL_CACHE, VENV_BIN
 from e2e_helpers import SCALEOUT, EdgeNode, Fleet, quiet_env
 
 pytestmark = pytest.mark.e2e
@@ -226,8 +226,7 @@ def test_the_inference_return_value_is_dropped_and_log_metric_has_no_context(
         "the log_metric_returned attribute")
     assert returned == "False"
     # The model stays staged in the working directory until someone deletes it.
-    cache = ".scaleout/model_cache" if ON_1_1 else ".model_cache"
-    assert (fleet.nodes[0].workdir / cache / f"{model_id}.scm").is_file()
+    assert (fleet.nodes[0].workdir / MODEL_CACHE / f"{model_id}.scm").is_file()
 
 
 def test_log_metric_takes_numbers_and_log_attributes_values_per_line(fleet: Fleet) -> None:
