@@ -12,6 +12,7 @@ server that knew them could replay the batches and subtract the noise.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -136,29 +137,43 @@ def train_private(
         raise AssertionError(f"planned {plan.steps} steps, the sampler draws {len(loader)} per epoch")
     net.to(device).train()
     private = make_private(net, settings, plan, device)
-    batches, loss_sum, correct, seen = 0, 0.0, 0, 0
     try:
-        for _epoch in range(settings.epochs):
-            loss_sum, correct, seen = 0.0, 0, 0
-            window = [0.0, 0, 0]  # loss sum, correct, seen since the last report
-            for x_u8, y in loader:
-                if on_batch is not None:
-                    on_batch()
-                y = y.to(device)
-                output, loss = private.step(training.to_input(x_u8, device), y)
-                batches += 1
-                if len(y):
-                    window[0] += float(loss) * len(y)
-                    window[1] += int((output.argmax(1) == y).sum())
-                    window[2] += len(y)
-                if batches % training.LOG_EVERY_BATCHES == 0 or batches % len(loader) == 0:
-                    loss_sum, correct, seen = loss_sum + window[0], correct + window[1], seen + window[2]
-                    if on_metrics is not None and batches % training.LOG_EVERY_BATCHES == 0 and window[2]:
-                        on_metrics({"training_loss": window[0] / window[2], "training_accuracy": window[1] / window[2]})
-                    window = [0.0, 0, 0]
-            if on_metrics is not None and seen:
-                on_metrics({"training_loss": loss_sum / seen, "training_accuracy": correct / seen})
+        with warnings.catch_warnings():  # the first conv's input needs no gradient: torch says so every step
+            warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+            loss, accuracy, batches = _epochs(private, loader, settings.epochs, device, on_batch, on_metrics)
     finally:
         private.close()
-    return training.TrainResult(len(y_all), settings.epochs, loss_sum / max(seen, 1), correct / max(seen, 1),
-                                batches, PRECISION)
+    return training.TrainResult(len(y_all), settings.epochs, loss, accuracy, batches, PRECISION)
+
+
+def _epochs(
+    private: PrivateTraining,
+    loader: DPDataLoader,
+    epochs: int,
+    device: torch.device,
+    on_batch: Callable[[], None] | None,
+    on_metrics: Callable[[training.Metrics], None] | None,
+) -> tuple[float, float, int]:
+    """The loop of :func:`train_private`: (loss, accuracy) of the last epoch and the batches run."""
+    batches, loss_sum, correct, seen = 0, 0.0, 0, 0
+    for _epoch in range(epochs):
+        loss_sum, correct, seen = 0.0, 0, 0
+        window = [0.0, 0, 0]  # loss sum, correct, seen since the last report
+        for x_u8, y in loader:
+            if on_batch is not None:
+                on_batch()
+            y = y.to(device)
+            output, loss = private.step(training.to_input(x_u8, device), y)
+            batches += 1
+            if len(y):
+                window[0] += float(loss) * len(y)
+                window[1] += int((output.argmax(1) == y).sum())
+                window[2] += len(y)
+            if batches % training.LOG_EVERY_BATCHES == 0 or batches % len(loader) == 0:
+                loss_sum, correct, seen = loss_sum + window[0], correct + window[1], seen + window[2]
+                if on_metrics is not None and batches % training.LOG_EVERY_BATCHES == 0 and window[2]:
+                    on_metrics({"training_loss": window[0] / window[2], "training_accuracy": window[1] / window[2]})
+                window = [0.0, 0, 0]
+        if on_metrics is not None and seen:
+            on_metrics({"training_loss": loss_sum / seen, "training_accuracy": correct / seen})
+    return loss_sum / max(seen, 1), correct / max(seen, 1), batches
