@@ -109,6 +109,7 @@ class EdgeNode:
     workdir: Path
     data_dir: Path
     process: subprocess.Popen | None = field(default=None, repr=False)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. the node's DP budget
 
     @property
     def log_path(self) -> Path:
@@ -123,6 +124,7 @@ class EdgeNode:
             SCALEOUT_GRPC_SECURE="false",
             SCALEOUT_CLIENT_TASK_POLLING_INTERVAL=polling_interval,
             SCALEOUT_DATA_DIR=self.data_dir,
+            **self.env,
         )
         args = [SCALEOUT, "client", "start", "--api-url", combiner.api_url, "--client-id", self.name,
                 "--name", self.name]
