@@ -73,7 +73,7 @@ def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
 
 @dataclass
 class PrivateTraining:
-    """The CNN wrapped for DP-SGD: per-sample clipping and noise live in Opacus's module, optimizer and loss."""
+    """The CNN wrapped for DP-SGD: clipping and noise live in Opacus's module, optimizer and loss."""
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
@@ -101,7 +101,8 @@ def make_private(net: nn.Module, settings: TrainSettings, plan: RoundPlan, devic
     module = prepare_module(net, mode, batch_first=True, loss_reduction="mean", **extra)
     module.forbid_grad_accumulation()  # Poisson sampling: one backward per step
     optimizer_class = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
-    optimizer = optimizer_class(training.make_optimizer(settings.optimizer, net.parameters(), settings.learning_rate),
+    inner = training.make_optimizer(settings.optimizer, net.parameters(), settings.learning_rate)
+    optimizer = optimizer_class(inner,
                                 noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
                                 expected_batch_size=plan.expected_batch_size, loss_reduction="mean",
                                 generator=secret_generator(device))
@@ -172,7 +173,8 @@ def _epochs(
             if batches % training.LOG_EVERY_BATCHES == 0 or batches % len(loader) == 0:
                 loss_sum, correct, seen = loss_sum + window[0], correct + window[1], seen + window[2]
                 if on_metrics is not None and batches % training.LOG_EVERY_BATCHES == 0 and window[2]:
-                    on_metrics({"training_loss": window[0] / window[2], "training_accuracy": window[1] / window[2]})
+                    on_metrics({"training_loss": window[0] / window[2],
+                                "training_accuracy": window[1] / window[2]})
                 window = [0.0, 0, 0]
         if on_metrics is not None and seen:
             on_metrics({"training_loss": loss_sum / seen, "training_accuracy": correct / seen})

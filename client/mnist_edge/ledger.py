@@ -74,7 +74,8 @@ class Record:
 @functools.lru_cache(maxsize=256)
 def _rdp(noise_multiplier: float, sample_rate: float, steps: int) -> tuple[float, ...]:
     """The RDP curve of one round (cached: rounds usually repeat their settings)."""
-    curve = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=ORDERS)
+    curve = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps,
+                                     orders=ORDERS)
     return tuple(np.atleast_1d(curve).tolist())
 
 
@@ -128,7 +129,8 @@ def _check_record(path: Path, number: int, raw: Any) -> Record:
         raise _corrupt(path, number, f"expected a JSON object with the keys {', '.join(names)}")
     if raw["format"] != FORMAT:
         raise _corrupt(path, number, f"format {raw['format']!r} is not {FORMAT}")
-    for key in ("noise_multiplier", "max_grad_norm", "sample_rate", "delta", "epsilon_round", "epsilon_total"):
+    numbers = ("noise_multiplier", "max_grad_norm", "sample_rate", "delta", "epsilon_round", "epsilon_total")
+    for key in numbers:
         if not _is_number(raw[key]):
             raise _corrupt(path, number, f"{key} {raw[key]!r} is not a finite number")
     if not all(isinstance(raw[k], str) for k in ("time", "model_id", "data_fingerprint", "prev")):
@@ -172,18 +174,20 @@ def _verify(ledger: Ledger, number: int, record: Record) -> None:
         raise _corrupt(ledger.path, number, "does not follow the record before it (a record was removed, "
                                             "reordered or changed)")
     if ledger.delta is not None and record.delta != ledger.delta:
-        raise _corrupt(ledger.path, number, f"delta {record.delta:g} differs from the ledger's {ledger.delta:g}")
+        raise _corrupt(ledger.path, number,
+                       f"delta {record.delta:g} differs from the ledger's {ledger.delta:g}")
     curve = round_rdp(record.noise_multiplier, record.sample_rate, record.steps)
     ledger.rdp_total = ledger.rdp_total + curve
-    for name, stored, computed in (("epsilon_round", record.epsilon_round, epsilon(curve, record.delta)),
-                                   ("epsilon_total", record.epsilon_total, epsilon(ledger.rdp_total, record.delta))):
+    checks = (("epsilon_round", record.epsilon_round, epsilon(curve, record.delta)),
+              ("epsilon_total", record.epsilon_total, epsilon(ledger.rdp_total, record.delta)))
+    for name, stored, computed in checks:
         if not math.isclose(stored, computed, rel_tol=1e-9, abs_tol=1e-12):
-            raise _corrupt(ledger.path, number, f"{name} {stored!r} is not the {computed!r} that sigma, q, steps "
-                                                "and delta give")
+            raise _corrupt(ledger.path, number,
+                           f"{name} {stored!r} is not the {computed!r} that sigma, q, steps and delta give")
 
 
 def read(path: str | Path) -> Ledger:
-    """The verified ledger at ``path``; a missing file is an empty ledger (a node that never trained with DP)."""
+    """The verified ledger at ``path``; a missing file is empty (a node that never trained with DP)."""
     path = Path(path)
     try:
         content = path.read_bytes()
@@ -218,7 +222,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def charge(path: str | Path, *, model_id: str, data_fingerprint: str, noise_multiplier: float,
-           max_grad_norm: float, sample_rate: float, steps: int, delta: float, budget: float | None) -> Record:
+           max_grad_norm: float, sample_rate: float, steps: int, delta: float,
+           budget: float | None) -> Record:
     """Append and fsync this round's record, or raise :class:`BudgetExceeded` and write nothing.
 
     Called before the round's first batch; when it returns, the charge survives any crash.
@@ -241,8 +246,9 @@ def charge(path: str | Path, *, model_id: str, data_fingerprint: str, noise_mult
                 f"{eps_round:.4f} (total would be {eps_total:.4f}), budget epsilon {budget:g} at delta "
                 f"{delta:g} (MNIST_EDGE_DP_EPSILON); refused before training, no update leaves this node")
         record = Record(FORMAT, datetime.now(timezone.utc).isoformat(timespec="seconds"), str(model_id),
-                        str(data_fingerprint), float(noise_multiplier), float(max_grad_norm), float(sample_rate),
-                        int(steps), float(delta), eps_round, eps_total, budget, ledger.last_hash)
+                        str(data_fingerprint), float(noise_multiplier), float(max_grad_norm),
+                        float(sample_rate), int(steps), float(delta), eps_round, eps_total, budget,
+                        ledger.last_hash)
         line = json.dumps(asdict(record), sort_keys=True).encode()
         os.ftruncate(handle.fileno(), ledger.valid_size)  # drop a torn tail before appending
         os.write(handle.fileno(), (b"\n" if ledger.needs_newline else b"") + line + b"\n")
@@ -257,8 +263,9 @@ def describe(ledger: Ledger, budget: float | None) -> str:
         lines.append(f"{'time':<25} {'model_id':<36} {'sigma':>7} {'C':>6} {'q':>8} {'steps':>6} "
                      f"{'eps_round':>9} {'eps_total':>9}")
         for r in ledger.records:
-            lines.append(f"{r.time:<25} {r.model_id[:36]:<36} {r.noise_multiplier:>7.4g} {r.max_grad_norm:>6.3g} "
-                         f"{r.sample_rate:>8.4g} {r.steps:>6} {r.epsilon_round:>9.4f} {r.epsilon_total:>9.4f}")
+            lines.append(f"{r.time:<25} {r.model_id[:36]:<36} {r.noise_multiplier:>7.4g} "
+                         f"{r.max_grad_norm:>6.3g} {r.sample_rate:>8.4g} {r.steps:>6} "
+                         f"{r.epsilon_round:>9.4f} {r.epsilon_total:>9.4f}")
         lines.append(f"delta {ledger.delta:g}; epsilon spent {ledger.spent:.4f}")
     if budget is None:
         lines.append("budget: none (MNIST_EDGE_DP_EPSILON is not set): DP runs only when a round asks for it")

@@ -77,7 +77,8 @@ def node_environment(epsilon: float | None, delta: float | None) -> Iterator[Nod
                 os.environ[name] = value
 
 
-def _env_number(environ: Mapping[str, str], name: str, rule: str, ok: Callable[[float], bool]) -> float | None:
+def _env_number(environ: Mapping[str, str], name: str, rule: str,
+                ok: Callable[[float], bool]) -> float | None:
     text = environ.get(name, "").strip()
     if not text:
         return None
@@ -157,9 +158,10 @@ def train_round(
         result = training.train(net, images, labels, settings, on_batch=on_batch, on_metrics=on_metrics,
                                 device=device)
         return result, {}
-    record = ledger.charge(ledger_path or default_ledger_path(), model_id=model_id, data_fingerprint=data_fingerprint,
-                           noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-                           sample_rate=plan.sample_rate, steps=plan.steps, delta=plan.delta, budget=budget.epsilon)
+    record = ledger.charge(ledger_path or default_ledger_path(), model_id=model_id,
+                           data_fingerprint=data_fingerprint, noise_multiplier=plan.noise_multiplier,
+                           max_grad_norm=plan.max_grad_norm, sample_rate=plan.sample_rate, steps=plan.steps,
+                           delta=plan.delta, budget=budget.epsilon)
     budget_text = "no budget" if budget.epsilon is None else f"budget {budget.epsilon:g}"
     log.info("DP round charged: epsilon %.4f (sigma %.4g, C %g, q %.4g, %d steps, delta %g); spent %.4f, %s",
              record.epsilon_round, plan.noise_multiplier, plan.max_grad_norm, plan.sample_rate, plan.steps,
@@ -172,7 +174,7 @@ def train_round(
 
 
 def add_dp_arguments(p: argparse.ArgumentParser) -> None:
-    """``--dp-noise-multiplier``, ``--dp-max-grad-norm``, ``--dp-epsilon``: the round settings of the same names."""
+    """``--dp-noise-multiplier``, ``--dp-max-grad-norm``, ``--dp-epsilon``: the round settings' names."""
     p.add_argument("--dp-noise-multiplier", type=float, metavar="SIGMA",
                    help=f"DP-SGD noise multiplier (default {DEFAULT_NOISE_MULTIPLIER} when DP runs)")
     p.add_argument("--dp-max-grad-norm", type=float, metavar="C",
