@@ -67,6 +67,7 @@ bench: venv
 	$(PY) bench/train_throughput.py $(BENCH_ARGS) --out bench/results/train_throughput.txt
 	$(PY) bench/ingest.py --out bench/results/ingest.txt
 	$(PY) bench/round_overhead.py $(BENCH_ARGS) --out bench/results/round_overhead.txt
+	$(PY) bench/privacy.py $(BENCH_ARGS) --out bench/results/privacy.txt
 
 clean:
 	rm -rf .venv .venv-1.1 $(DEMO) $(SEED) .pytest_cache

@@ -109,6 +109,7 @@ class EdgeNode:
     workdir: Path
     data_dir: Path
     process: subprocess.Popen | None = field(default=None, repr=False)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. the node's DP budget
 
     @property
     def log_path(self) -> Path:
@@ -123,6 +124,7 @@ class EdgeNode:
             SCALEOUT_GRPC_SECURE="false",
             SCALEOUT_CLIENT_TASK_POLLING_INTERVAL=polling_interval,
             SCALEOUT_DATA_DIR=self.data_dir,
+            **self.env,
         )
         # --disable-managed-env: run in this venv. scaleout 1.1 would otherwise build one from
         # python_env.yaml in ./.scaleout/venvs (GBs) and restart itself in it; 1.0.7 does that

@@ -11,16 +11,18 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import aggregate, simulate, standalone
+from . import aggregate, privacy, simulate, standalone
 from .data import DataError
 from .model import ModelFileError
 from .partition import PARTITIONS, PartitionError
 from .prepare import SourceError
+from .privacy import PrivacyError
 from .settings import SettingsError
 from .simulate import SimulationError
 
 # OSError: an output path that cannot be written (its message names the path).
-USER_ERRORS = (DataError, ModelFileError, SourceError, SettingsError, PartitionError, SimulationError, OSError)
+USER_ERRORS = (DataError, ModelFileError, SourceError, SettingsError, PartitionError, SimulationError, PrivacyError,
+               OSError)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     standalone.add_commands(commands)
     aggregate.add_command(commands)
+    privacy.add_command(commands)
     return parser
 
 

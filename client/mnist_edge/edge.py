@@ -22,7 +22,7 @@ from scaleout import ScaleoutModel
 from scaleoututil.helpers.helpers import get_helper
 from scaleoututil.helpers.plugins.numpyhelper import Helper as NumpyHelper
 
-from . import data, model, training
+from . import data, model, privacy, training
 from .settings import parse_settings
 
 log = logging.getLogger("mnist_edge")
@@ -132,11 +132,14 @@ class EdgeTasks:
         settings = parse_settings(client_settings)
         self._load_model(scaleout_model)
         dataset = data.load_split(self.data_dir, "train")
-        result = training.train(
+        # DP-SGD when the node has a budget or the round asks; charged before the first batch.
+        result, dp_metadata = privacy.train_round(
             self.net,
             dataset.images,
             dataset.labels,
             settings,
+            model_id=scaleout_model.model_id,
+            data_fingerprint=dataset.fingerprint,
             on_batch=self.client.check_task_abort,
             on_metrics=self._log_metrics,
             device=self.device,
@@ -156,6 +159,7 @@ class EdgeTasks:
             "rows_skipped": dataset.rows_skipped,
             "duplicate_image_ids": dataset.duplicate_image_ids,
             "data_fingerprint": dataset.fingerprint,
+            **dp_metadata,
         }
         log.info("trained %d images for %d epoch(s): loss %.4f, accuracy %.4f",
                  result.num_examples, settings.epochs, result.training_loss, result.training_accuracy)

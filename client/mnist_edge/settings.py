@@ -11,6 +11,10 @@ from typing import Any, Mapping
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
 PRECISIONS = ("auto", "fp32", "bf16")
+DP_SETTINGS = ("dp_noise_multiplier", "dp_max_grad_norm", "dp_epsilon")
+# A round cannot set the node's own privacy limits: naming them is refused with the variable to use.
+MAX_DP_EPSILON = 100.0  # a round's target epsilon; far past any meaningful guarantee already
+NODE_OWNED = {"dp_delta": "MNIST_EDGE_DP_DELTA", "dp_budget": "MNIST_EDGE_DP_EPSILON"}
 
 
 class SettingsError(ValueError):
@@ -27,6 +31,15 @@ class TrainSettings:
     optimizer: str = "adadelta"
     seed: int | None = None
     precision: str = "auto"
+    # Differential privacy (see privacy.py): None means "not set by the round".
+    dp_noise_multiplier: float | None = None
+    dp_max_grad_norm: float | None = None
+    dp_epsilon: float | None = None
+
+    @property
+    def asks_for_dp(self) -> bool:
+        """True when the round sets any ``dp_*`` setting."""
+        return any(getattr(self, key) is not None for key in DP_SETTINGS)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,6 +52,9 @@ _RULES: dict[str, str] = {
     "optimizer": "one of " + ", ".join(OPTIMIZERS),
     "seed": "an integer",
     "precision": "one of " + ", ".join(PRECISIONS),
+    "dp_noise_multiplier": "a number > 0",
+    "dp_max_grad_norm": "a number > 0",
+    "dp_epsilon": f"a number > 0 and <= {MAX_DP_EPSILON:g}",
 }
 
 
@@ -49,8 +65,9 @@ def _is_int(value: Any) -> bool:
 def _valid(key: str, value: Any) -> bool:
     if key in ("epochs", "batch_size"):
         return _is_int(value) and value >= 1
-    if key == "learning_rate":
-        return (_is_int(value) or isinstance(value, float)) and value > 0 and value != float("inf")
+    if key == "learning_rate" or key in DP_SETTINGS:
+        limit = MAX_DP_EPSILON if key == "dp_epsilon" else float("inf")
+        return (_is_int(value) or isinstance(value, float)) and 0 < value < float("inf") and value <= limit
     if key == "optimizer":
         return isinstance(value, str) and value.lower() in OPTIMIZERS
     if key == "precision":
@@ -63,6 +80,10 @@ def _valid(key: str, value: Any) -> bool:
 def parse_settings(raw: Mapping[str, Any] | None) -> TrainSettings:
     """Validate ``raw`` and fill in defaults; raise :class:`SettingsError` naming the key."""
     raw = dict(raw or {})
+    owned = sorted(set(raw) & set(NODE_OWNED))
+    if owned:
+        raise SettingsError(f"setting {owned[0]!r} is the node's own limit ({NODE_OWNED[owned[0]]} on the node); "
+                            "a round cannot set it")
     known = [f.name for f in fields(TrainSettings)]
     unknown = sorted(set(raw) - set(known))
     if unknown:
@@ -70,11 +91,12 @@ def parse_settings(raw: Mapping[str, Any] | None) -> TrainSettings:
             f"unknown setting {unknown[0]!r}; accepted settings are: {', '.join(known)}"
         )
     for key, value in raw.items():
-        if key == "seed" and value is None:
+        if value is None and (key == "seed" or key in DP_SETTINGS):
             continue
         if not _valid(key, value):
             raise SettingsError(f"setting {key!r} must be {_RULES[key]}, got {value!r}")
     normalized = {k: (v.lower() if isinstance(v, str) else v) for k, v in raw.items()}
-    if "learning_rate" in normalized:
-        normalized["learning_rate"] = float(normalized["learning_rate"])
+    for key in ("learning_rate", *DP_SETTINGS):
+        if normalized.get(key) is not None:
+            normalized[key] = float(normalized[key])
     return TrainSettings(**normalized)

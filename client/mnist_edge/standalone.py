@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from . import data, model, training
+from . import data, model, privacy, training
 from .model import ModelFileError
 from .settings import TrainSettings, parse_settings
 
@@ -105,9 +105,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         model.set_parameters(net, model.load_model_file(args.init), args.init)
     dataset = data.load_dataset(args.dataset, labels_required=True)
     batches = settings.epochs * math.ceil(len(dataset) / settings.batch_size)
-    with _progress(batches, "train") as bar:
-        result = training.train(net, dataset.images, dataset.labels, settings, on_batch=bar.update,
-                                on_metrics=bar.set_postfix)
+    with _progress(batches, "train") as bar:  # DP-SGD when the node has a budget or a --dp-* flag is given
+        result, dp_metadata = privacy.train_round(
+            net, dataset.images, dataset.labels, settings, model_id=args.init or "standalone",
+            data_fingerprint=dataset.fingerprint, ledger_path=args.ledger, on_batch=bar.update,
+            on_metrics=bar.set_postfix)
     _save(model.get_parameters(net), out)
     meta: dict[str, Any] = {
         "model_kind": MODEL_KIND,
@@ -128,6 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "training_loss": _finite(result.training_loss),
         "training_accuracy": _finite(result.training_accuracy),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **dp_metadata,
     }
     meta_path(out).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     print(f"trained {result.num_examples} images for {settings.epochs} epoch(s): "
@@ -198,6 +201,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                    help="fixes initial weights, shuffling and dropout (default: the seed model's weights)")
     p.add_argument("--precision", metavar="P", help=f"auto, fp32 or bf16 (default {defaults.precision})")
     p.add_argument("--init", metavar="MODEL", help="start from this .pth or .npz instead of fresh weights")
+    privacy.add_dp_arguments(p)
+    p.add_argument("--ledger", metavar="PATH", type=Path, default=None,
+                   help="privacy ledger charged by DP training (default ./privacy-ledger.jsonl)")
     p.add_argument("dataset", metavar="DATASET", help="a CSV shard or a directory of shards")
     p.set_defaults(func=cmd_train)
 
