@@ -15,11 +15,15 @@ SMOKE_RUNS = {
     "train_throughput.py": ["--train", "128", "--test", "64", "--reps", "1", "--threads", "1"],
     "ingest.py": ["--rows", "200", "--png-rows", "50", "--reps", "1"],
     "round_overhead.py": ["--images", "128", "--reps", "1", "--threads", "1"],
+    "privacy.py": ["--batch", "8", "--steps", "1", "--reps", "1", "--threads", "1", "--modes", "hooks", "ghost",
+                   "--clients", "2", "--rounds", "1", "--train-images", "64", "--fed-batch-size", "32",
+                   "--budgets", "8"],
 }
 EXPECTED = {
     "train_throughput.py": "median ratio B/A",
     "ingest.py": "peak RSS above the interpreter+imports baseline",
     "round_overhead.py": "everything except the training steps",
+    "privacy.py": "DP step (ghost) / plain step (auto)",
 }
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import MODEL_CACHE
+
 from mnist_edge import data, model, training
 from mnist_edge.cli import main
 from mnist_edge.prepare import prepare
@@ -56,7 +58,7 @@ def test_accuracy_rises_and_the_table_is_written(run_dir):
     assert [r["test_accuracy"] for r in history["rounds"]] == pytest.approx(accuracy, abs=1e-6)
     assert set(history["rounds"][2]["client_test_accuracy"]) == {"client-0", "client-1"}
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (run_dir / ".model_cache").is_dir()  # EdgeClient's cache goes into RUN, not the cwd
+    assert (run_dir / MODEL_CACHE).is_dir()  # EdgeClient's cache goes into RUN, not the cwd
 
 
 def test_global_accuracy_is_the_union_of_the_clients_test_splits(run_dir, clients_dir):

@@ -17,16 +17,22 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import scaleoututil.grpc.scaleout_pb2 as scaleout_msg
 from scaleout import ScaleoutModel
 from scaleoututil.helpers.helpers import get_helper
 from scaleoututil.helpers.plugins.numpyhelper import Helper as NumpyHelper
 
-from . import data, model, paths, training
+from . import data, model, paths, privacy, training
 from .settings import capped_batch_size, parse_settings
 
 log = logging.getLogger("mnist_edge")
 HELPER = get_helper("numpyhelper")
 PREDICT_PARAMETERS = ("data", "output")
+
+# The one difference between the client lines this package acts on: how attributes travel.
+# scaleout 1.1 sends each key as an AttributeRecord with the JSON payload {"value": v}, so a value
+# goes as it is; 1.0.7's AttributeMessage carries strings only, so a number goes as its JSON text.
+ATTRIBUTE_RECORDS = hasattr(scaleout_msg, "AttributeRecord")
 
 
 class PredictParameterError(ValueError):
@@ -56,6 +62,14 @@ def json_safe(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
+
+
+def attribute_values(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """``attributes`` as ``client.log_attributes`` must get them for a server to read plain values."""
+    plain = json_safe(attributes)
+    if ATTRIBUTE_RECORDS:
+        return plain
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in plain.items()}
 
 
 def params_from(scaleout_model: ScaleoutModel) -> list[np.ndarray]:
@@ -126,11 +140,14 @@ class EdgeTasks:
         self._load_model(scaleout_model)
         dataset = data.load_split(self.data_dir, "train")
         settings = capped_batch_size(requested, len(dataset))
-        result = training.train(
+        # DP-SGD when the node has a budget or the round asks; charged before the first batch.
+        result, dp_metadata = privacy.train_round(
             self.net,
             dataset.images,
             dataset.labels,
             settings,
+            model_id=scaleout_model.model_id,
+            data_fingerprint=dataset.fingerprint,
             on_batch=self.client.check_task_abort,
             on_metrics=self._log_metrics,
             device=self.device,
@@ -150,6 +167,7 @@ class EdgeTasks:
             "rows_skipped": dataset.rows_skipped,
             "duplicate_image_ids": dataset.duplicate_image_ids,
             "data_fingerprint": dataset.fingerprint,
+            **dp_metadata,
         }
         if settings.batch_size != requested.batch_size:
             metadata["training_metadata"]["batch_size_requested"] = requested.batch_size
@@ -168,7 +186,7 @@ class EdgeTasks:
             self._load_model(scaleout_model)
             train_set = data.load_split(self.data_dir, "train")
         except (model.ModelFileError, data.DataError) as error:
-            self.client.log_attributes({"validation_error": str(error)})
+            self.client.log_attributes(attribute_values({"validation_error": str(error)}))
             raise
         check = self.client.check_task_abort
         train_loss, train_acc = training.evaluate(self.net, train_set.images, train_set.labels, self.device, check)
@@ -187,7 +205,7 @@ class EdgeTasks:
             test_set = data.load_split(self.data_dir, "test")
         except data.DataError as error:
             log.error("test split unusable, reporting training metrics as test metrics: %s", error)
-            self.client.log_attributes({"validation_error": str(error)})
+            self.client.log_attributes(attribute_values({"validation_error": str(error)}))
             return json_safe(metrics)
         test_loss, test_acc = training.evaluate(self.net, test_set.images, test_set.labels, self.device, check)
         metrics.update(test_loss=test_loss, test_accuracy=test_acc, num_test_examples=len(test_set))
@@ -238,9 +256,8 @@ class EdgeTasks:
             summary["accuracy"] = float((predicted[labelled] == dataset.labels[labelled]).mean())
             summary["labelled"] = int(labelled.sum())
         summary = json_safe(summary)
-        # scaleout 1.0.7 drops the callback's return value: attributes are what reaches the server.
-        self.client.log_attributes({f"prediction_{k}": json.dumps(v) if not isinstance(v, str) else v
-                                    for k, v in summary.items()})
+        # The client drops the callback's return value: attributes are what reaches the server.
+        self.client.log_attributes(attribute_values({f"prediction_{k}": v for k, v in summary.items()}))
         log.info("predicted %d images into %s", len(predicted), output)
         return summary
 

@@ -9,6 +9,7 @@ sane step: ``learning_rate``).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
@@ -20,6 +21,11 @@ MAX_LEARNING_RATE = 1000.0
 SEED_LIMIT = 2**63
 """Seeds are 0 <= seed < 2**63 (what torch and numpy generators both take)."""
 _SHOWN_CHARS = 40
+_FLOAT_MAX = sys.float_info.max
+DP_SETTINGS = ("dp_noise_multiplier", "dp_max_grad_norm", "dp_epsilon")
+# A round cannot set the node's own privacy limits: naming them is refused with the variable to use.
+MAX_DP_EPSILON = 100.0  # a round's target epsilon; far past any meaningful guarantee already
+NODE_OWNED = {"dp_delta": "MNIST_EDGE_DP_DELTA", "dp_budget": "MNIST_EDGE_DP_EPSILON"}
 
 
 class SettingsError(ValueError):
@@ -36,6 +42,15 @@ class TrainSettings:
     optimizer: str = "adadelta"
     seed: int | None = None
     precision: str = "auto"
+    # Differential privacy (see privacy.py): None means "not set by the round".
+    dp_noise_multiplier: float | None = None
+    dp_max_grad_norm: float | None = None
+    dp_epsilon: float | None = None
+
+    @property
+    def asks_for_dp(self) -> bool:
+        """True when the round sets any ``dp_*`` setting."""
+        return any(getattr(self, key) is not None for key in DP_SETTINGS)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,6 +63,9 @@ _RULES: dict[str, str] = {
     "optimizer": "one of " + ", ".join(OPTIMIZERS),
     "seed": "an integer from 0 to 2**63-1",
     "precision": "one of " + ", ".join(PRECISIONS),
+    "dp_noise_multiplier": "a number > 0",
+    "dp_max_grad_norm": "a number > 0",
+    "dp_epsilon": f"a number > 0 and <= {MAX_DP_EPSILON:g}",
 }
 
 
@@ -60,8 +78,9 @@ def _valid(key: str, value: Any) -> bool:
         return _is_int(value) and 1 <= value <= MAX_EPOCHS
     if key == "batch_size":
         return _is_int(value) and 1 <= value <= MAX_BATCH_SIZE
-    if key == "learning_rate":  # compared before float(): an int like 10**400 has no float
-        return (_is_int(value) or isinstance(value, float)) and 0 < value <= MAX_LEARNING_RATE
+    if key == "learning_rate" or key in DP_SETTINGS:  # compared before float(): 10**400 has no float
+        limit = {"learning_rate": MAX_LEARNING_RATE, "dp_epsilon": MAX_DP_EPSILON}.get(key, _FLOAT_MAX)
+        return (_is_int(value) or isinstance(value, float)) and 0 < value <= limit
     if key == "optimizer":
         return isinstance(value, str) and value.lower() in OPTIMIZERS
     if key == "precision":
@@ -81,18 +100,23 @@ def parse_settings(raw: Mapping[str, Any] | None) -> TrainSettings:
     if raw is not None and not isinstance(raw, Mapping):
         raise SettingsError(f"client_settings must be a mapping of setting names to values, got {type(raw).__name__}")
     raw = dict(raw or {})
+    owned = sorted(set(raw) & set(NODE_OWNED))
+    if owned:
+        raise SettingsError(f"setting {owned[0]!r} is the node's own limit ({NODE_OWNED[owned[0]]} on the node); "
+                            "a round cannot set it")
     known = [f.name for f in fields(TrainSettings)]
     unknown = sorted(_shown(key) for key in raw if key not in known)
     if unknown:
         raise SettingsError(f"unknown setting {unknown[0]}; accepted settings are: {', '.join(known)}")
     for key, value in raw.items():
-        if key == "seed" and value is None:
+        if value is None and (key == "seed" or key in DP_SETTINGS):
             continue
         if not _valid(key, value):
             raise SettingsError(f"setting {key!r} must be {_RULES[key]}, got {_shown(value)}")
     normalized = {k: (v.lower() if isinstance(v, str) else v) for k, v in raw.items()}
-    if "learning_rate" in normalized:
-        normalized["learning_rate"] = float(normalized["learning_rate"])
+    for key in ("learning_rate", *DP_SETTINGS):
+        if normalized.get(key) is not None:
+            normalized[key] = float(normalized[key])
     return TrainSettings(**normalized)
 
 

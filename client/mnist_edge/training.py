@@ -185,13 +185,22 @@ def train(
     return result
 
 
+_DIVERGED_ADVICE = "lower learning_rate or choose another optimizer"
+
+
+def check_finite_loss(loss_sum: float, seen: int, batches: int) -> None:
+    """Raise :class:`TrainingDiverged` unless a window's loss sum is finite (called where it is synced)."""
+    if not math.isfinite(loss_sum):
+        raise TrainingDiverged(f"training diverged (loss {loss_sum / max(seen, 1)} at batch {batches}); "
+                               + _DIVERGED_ADVICE)
+
+
 def check_finite_weights(net: nn.Module, batches: int) -> None:
     """Raise :class:`TrainingDiverged` if any weight is NaN or infinite (one reduction, one sync)."""
     with torch.no_grad():
         finite = torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all()
     if not bool(finite):
-        raise TrainingDiverged(f"training diverged (weights not finite after batch {batches}); "
-                               "lower learning_rate or choose another optimizer")
+        raise TrainingDiverged(f"training diverged (weights not finite after batch {batches}); " + _DIVERGED_ADVICE)
 
 
 def _train_epochs(
@@ -244,9 +253,7 @@ def _train_epochs(
             window_seen += len(y)
             if batches % LOG_EVERY_BATCHES == 0 or start + settings.batch_size >= n:
                 total_loss, total_correct = window_loss.item(), int(window_correct.item())
-                if not math.isfinite(total_loss):  # checked where the window syncs anyway
-                    raise TrainingDiverged(f"training diverged (loss {total_loss / window_seen} at batch {batches}); "
-                                           "lower learning_rate or choose another optimizer")
+                check_finite_loss(total_loss, window_seen, batches)  # where the window syncs anyway
                 loss_sum, correct, seen = loss_sum + total_loss, correct + total_correct, seen + window_seen
                 if on_metrics is not None and batches % LOG_EVERY_BATCHES == 0:
                     on_metrics({"training_loss": total_loss / window_seen,
