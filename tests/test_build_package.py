@@ -67,7 +67,8 @@ def test_package_holds_code_and_no_data_caches_venvs_seeds_or_tests(tmp_path):
         names = set(tar.getnames())
     for required in ["scaleout.yaml", "python_env.yaml", "build.py", "startup.py", "mnist_edge/__init__.py",
                      "mnist_edge/model.py", "mnist_edge/data.py", "mnist_edge/edge.py", "mnist_edge/training.py",
-                     "mnist_edge/settings.py"]:
+                     "mnist_edge/settings.py", "mnist_edge/paths.py", "mnist_edge/npz.py",
+                     "mnist_edge/shards/__init__.py", "mnist_edge/shards/reader.py"]:
         assert required in names
     leaked = [n for n in names if any(part in n for part in ("data/", "predictions", ".npz", ".pth", "model_cache",
                                                                ".scaleout/", "__pycache__", ".venv", "tests", ".tgz",

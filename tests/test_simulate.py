@@ -104,7 +104,7 @@ def test_fedavg_weights_by_num_examples():
     (["--clients-per-round", "3"], "--clients-per-round must be between 1 and 2, got 3"),
     (["--clients-per-round", "0"], "--clients-per-round must be between 1 and 2, got 0"),
     (["--rounds", "0"], "--rounds must be >= 1, got 0"),
-    (["--batch-size", "0"], "setting 'batch_size' must be an integer >= 1, got 0"),
+    (["--batch-size", "0"], "setting 'batch_size' must be an integer from 1 to 1024, got 0"),
 ])
 def test_bad_arguments_exit_2_with_message(clients_dir, tmp_path, capsys, extra, message):
     args = ["simulate", "--data", str(clients_dir), "--out", str(tmp_path / "run"), "--rounds", "1", *extra]

@@ -15,14 +15,16 @@ from . import aggregate, privacy, simulate, standalone
 from .data import DataError
 from .model import ModelFileError
 from .partition import PARTITIONS, PartitionError
+from .paths import PathError
 from .prepare import SourceError
 from .privacy import PrivacyError
 from .settings import SettingsError
 from .simulate import SimulationError
+from .training import TrainingDiverged
 
-# OSError: an output path that cannot be written (its message names the path).
+# OSError (paths.OutputError among them): an output path that cannot be written (its message names the path).
 USER_ERRORS = (DataError, ModelFileError, SourceError, SettingsError, PartitionError, SimulationError, PrivacyError,
-               OSError)
+               PathError, TrainingDiverged, OSError)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

@@ -144,6 +144,7 @@ def train_private(
             loss, accuracy, batches = _epochs(private, loader, settings.epochs, device, on_batch, on_metrics)
     finally:
         private.close()
+    training.check_finite_weights(net, batches)
     return training.TrainResult(len(y_all), settings.epochs, loss, accuracy, batches, PRECISION)
 
 
@@ -171,6 +172,7 @@ def _epochs(
                 window[1] += int((output.argmax(1) == y).sum())
                 window[2] += len(y)
             if batches % training.LOG_EVERY_BATCHES == 0 or batches % len(loader) == 0:
+                training.check_finite_loss(window[0], window[2], batches)
                 loss_sum, correct, seen = loss_sum + window[0], correct + window[1], seen + window[2]
                 if on_metrics is not None and batches % training.LOG_EVERY_BATCHES == 0 and window[2]:
                     on_metrics({"training_loss": window[0] / window[2],

@@ -22,8 +22,8 @@ from scaleout import ScaleoutModel
 from scaleoututil.helpers.helpers import get_helper
 from scaleoututil.helpers.plugins.numpyhelper import Helper as NumpyHelper
 
-from . import data, model, privacy, training
-from .settings import parse_settings
+from . import data, model, paths, privacy, training
+from .settings import capped_batch_size, parse_settings
 
 log = logging.getLogger("mnist_edge")
 HELPER = get_helper("numpyhelper")
@@ -73,10 +73,17 @@ def attribute_values(attributes: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def params_from(scaleout_model: ScaleoutModel) -> list[np.ndarray]:
-    """The CNN's parameter list from a ScaleoutModel, checked against the architecture."""
-    params = scaleout_model.get_training_model(HELPER)
-    model.check_parameters(params, f"model {scaleout_model.model_id}")
-    return params
+    """The CNN's parameter list from a ScaleoutModel, checked (headers before data, then finiteness).
+
+    Read with :func:`model.read_npz` rather than the stock numpyhelper, which allocates whatever
+    array sizes the file declares before anything can check them.
+    """
+    source = f"model {scaleout_model.model_id}"
+    try:
+        with scaleout_model.get_training_model_stream() as stream:
+            return model.read_npz(stream, source)
+    except (KeyError, zipfile.BadZipFile, OSError) as error:
+        raise model.ModelFileError(f"{source}: holds no readable parameter file ({error})") from None
 
 
 class UpdateHelper(NumpyHelper):
@@ -129,9 +136,10 @@ class EdgeTasks:
 
     def train(self, scaleout_model: ScaleoutModel, client_settings: Mapping[str, Any] | None) -> tuple[ScaleoutModel, dict]:
         """One round of local training; raises (task FAILED) on bad settings, model or data."""
-        settings = parse_settings(client_settings)
+        requested = parse_settings(client_settings)
         self._load_model(scaleout_model)
         dataset = data.load_split(self.data_dir, "train")
+        settings = capped_batch_size(requested, len(dataset))
         # DP-SGD when the node has a budget or the round asks; charged before the first batch.
         result, dp_metadata = privacy.train_round(
             self.net,
@@ -161,6 +169,8 @@ class EdgeTasks:
             "data_fingerprint": dataset.fingerprint,
             **dp_metadata,
         }
+        if settings.batch_size != requested.batch_size:
+            metadata["training_metadata"]["batch_size_requested"] = requested.batch_size
         log.info("trained %d images for %d epoch(s): loss %.4f, accuracy %.4f",
                  result.num_examples, settings.epochs, result.training_loss, result.training_accuracy)
         return to_scaleout_model(model.get_parameters(self.net)), json_safe(metadata)
@@ -202,23 +212,38 @@ class EdgeTasks:
         return json_safe(metrics)
 
     def _predict_location(self, params: Mapping[str, Any]) -> Path:
-        choice = str(params.get("data", "predict"))
-        if choice in ("predict", "test", "train"):
+        """``data``: a split name, or a shard or directory inside the data directory."""
+        choice = params.get("data", "predict")
+        if choice in data.SPLITS:
             return data.split_location(self.data_dir, choice)
-        return Path(choice)
+        return paths.inside_data_dir(self.data_dir, choice, "data")
+
+    def _predict_output(self, params: Mapping[str, Any], model_id: str) -> Path:
+        """``output`` inside the data directory, or ``predictions/<model id>.csv``; never an input shard."""
+        if params.get("output") is not None:
+            output = paths.inside_data_dir(self.data_dir, params["output"], "output")
+        else:
+            name = paths.file_name(model_id, "model id")
+            output = paths.inside_data_dir(self.data_dir, f"predictions/{name}.csv", "model id")
+        inputs = [data.split_location(self.data_dir, split) for split in data.SPLITS]
+        paths.refuse_inputs(output, inputs, "parameter 'output'")
+        return output
 
     def predict(self, scaleout_model: ScaleoutModel, params: Mapping[str, Any] | None) -> dict:
         """Predict every row of the predict shards into ``image_id,label,confidence`` CSV."""
+        if params is not None and not isinstance(params, Mapping):
+            raise PredictParameterError(f"inference parameters must be a mapping, got {type(params).__name__}")
         params = dict(params or {})
-        unknown = sorted(set(params) - set(PREDICT_PARAMETERS))
+        unknown = sorted(map(str, set(params) - set(PREDICT_PARAMETERS)))
         if unknown:
             raise PredictParameterError(
-                f"unknown inference parameter {unknown[0]!r}; accepted: {', '.join(PREDICT_PARAMETERS)}"
+                f"unknown inference parameter {unknown[0][:40]!r}; accepted: {', '.join(PREDICT_PARAMETERS)}"
             )
+        location = self._predict_location(params)
+        output = self._predict_output(params, scaleout_model.model_id)
         self._load_model(scaleout_model)
-        dataset = data.load_dataset(self._predict_location(params), labels_required=False)
+        dataset = data.load_dataset(location, labels_required=False)
         predicted, confidence = training.predict(self.net, dataset.images, self.device, self.client.check_task_abort)
-        output = Path(params.get("output") or self.data_dir / "predictions" / f"{scaleout_model.model_id}.csv")
         data.write_predictions(output, dataset.image_ids, predicted, confidence)
         summary: dict[str, Any] = {
             "model_id": scaleout_model.model_id,
@@ -241,7 +266,14 @@ def register(client: Any, data_dir: str | Path | None = None) -> EdgeTasks:
     """Register train, validate and predict on an ``EdgeClient``; returns the task object."""
     configure_logging()
     tasks = EdgeTasks(client, data_dir)
-    if not data.has_split(tasks.data_dir, "train"):
+    if paths.remove_partial_files(tasks.data_dir / "predictions"):
+        log.warning("removed unfinished prediction files an earlier crash left in %s", tasks.data_dir / "predictions")
+    try:
+        has_train = data.has_split(tasks.data_dir, "train")
+    except data.DataError as error:  # a data directory that is a file: every task will say so too
+        log.warning("%s", error)
+        has_train = True
+    if not has_train:
         log.warning("%s has no train/ split yet: training tasks will fail until shards are there "
                     "(set SCALEOUT_DATA_DIR)", tasks.data_dir.resolve())
     client.set_train_callback(tasks.train)

@@ -23,7 +23,7 @@ import torch
 
 from . import data, edge, ledger, model, privacy, runtime, training
 from .aggregate import fedavg
-from .settings import DP_SETTINGS, parse_settings
+from .settings import DP_SETTINGS, SEED_LIMIT, parse_settings
 
 HISTORY_FIELDS = ("round", "clients", "training_loss", "test_loss", "test_accuracy", "seconds",
                   "dp_epsilon_round", "dp_epsilon_spent", "refused")
@@ -113,6 +113,8 @@ def simulate(
     """
     if rounds < 1:
         raise SimulationError(f"--rounds must be >= 1, got {rounds}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise SimulationError(f"--seed must be an integer from 0 to 2**63-1, got {seed}")
     client_dirs = find_clients(Path(data_dir))
     per_round = len(client_dirs) if clients_per_round is None else clients_per_round
     if not 1 <= per_round <= len(client_dirs):
@@ -194,6 +196,9 @@ def train_round(
                                                model_id=global_model.model_id, round_id=str(round_index))
         except privacy.BudgetExceeded:
             continue
+        except training.TrainingDiverged as error:
+            raise SimulationError(f"round {round_index}, client-{i}: {error}; "
+                                  "the simulation stopped and wrote no model") from None
         n = int(meta["training_metadata"]["num_examples"])
         results.append((edge.params_from(local), n))
         loss_sum += n * (float("nan") if meta["training_loss"] is None else meta["training_loss"])

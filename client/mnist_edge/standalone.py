@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from . import data, model, privacy, training
+from . import data, model, paths, privacy, training
 from .model import ModelFileError
-from .settings import TrainSettings, parse_settings
+from .settings import TrainSettings, capped_batch_size, parse_settings
 
 MODEL_KIND = "mnist"
 META_SUFFIX = ".xdata-meta.json"
@@ -98,12 +98,13 @@ def _save(params: list[np.ndarray], path: Path) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the CNN on one dataset and write the model and its metadata."""
     flags = {f.name: getattr(args, f.name) for f in fields(TrainSettings)}
-    settings = parse_settings({key: value for key, value in flags.items() if value is not None})
+    requested = parse_settings({key: value for key, value in flags.items() if value is not None})
     out = output_path(args.model, DEFAULT_MODEL_NAME)
-    net = model.new_model(settings.seed if settings.seed is not None else 0)
+    net = model.new_model(requested.seed if requested.seed is not None else 0)
     if args.init:
         model.set_parameters(net, model.load_model_file(args.init), args.init)
     dataset = data.load_dataset(args.dataset, labels_required=True)
+    settings = capped_batch_size(requested, len(dataset))
     batches = settings.epochs * math.ceil(len(dataset) / settings.batch_size)
     with _progress(batches, "train") as bar:  # DP-SGD when the node has a budget or a --dp-* flag is given
         result, dp_metadata = privacy.train_round(
@@ -119,6 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "num_examples": result.num_examples,
         "epochs": settings.epochs,
         "batch_size": settings.batch_size,
+        **({"batch_size_requested": requested.batch_size} if settings != requested else {}),
         "learning_rate": settings.learning_rate,
         "optimizer": settings.optimizer,
         "seed": settings.seed,
@@ -132,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **dp_metadata,
     }
-    meta_path(out).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    paths.atomic_write(meta_path(out), lambda handle: handle.write(json.dumps(meta, indent=2) + "\n"))
     print(f"trained {result.num_examples} images for {settings.epochs} epoch(s): "
           f"training_loss {result.training_loss:.4f}, training_accuracy {result.training_accuracy:.4f}"
           + (f" ({dataset.rows_skipped} rows skipped)" if dataset.rows_skipped else ""))
@@ -145,9 +147,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     net = model.Net()
     model.set_parameters(net, model.load_model_file(args.model), args.model)
     dataset = data.load_dataset(args.dataset, labels_required=False)
+    result = output_path(args.result, DEFAULT_RESULT_NAME)
+    paths.refuse_inputs(result, dataset.files, "RESULT")
     with _progress(math.ceil(len(dataset) / training.EVAL_BATCH), "predict") as bar:
         predicted, confidence = training.predict(net, dataset.images, on_batch=bar.update)
-    result = output_path(args.result, DEFAULT_RESULT_NAME)
     data.write_predictions(result, dataset.image_ids, predicted, confidence)
     print(f"predicted {len(predicted)} images into {result}"
           + (f" ({dataset.rows_skipped} rows skipped)" if dataset.rows_skipped else ""))
