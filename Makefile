@@ -24,7 +24,7 @@ SEED_DIR ?= seed
 SEED   := $(SEED_DIR)/seed.npz
 DEMO   := demo
 
-.PHONY: venv demo test test-client-1.1 seed package bench clean
+.PHONY: venv demo test test-client-1.1 seed package bench mutate clean
 
 venv: $(VENV)/.installed
 
@@ -69,5 +69,26 @@ bench: venv
 	$(PY) bench/round_overhead.py $(BENCH_ARGS) --out bench/results/round_overhead.txt
 	$(PY) bench/privacy.py $(BENCH_ARGS) --out bench/results/privacy.txt
 
+# Mutation testing of the core modules against their fast unit tests (README "Development"; not part
+# of `make test`). mutmut 3 looks for the package under ./, src/ or source/, so it runs in a copy
+# with client/mnist_edge as src/mnist_edge ([tool.mutmut] in pyproject.toml); one worker on a
+# shared machine (MUTATE_CHILDREN=2 where the cores are free). Report: bench/results/mutation.txt.
+MUTATE_DIR      ?= build/mutate
+MUTATE_CHILDREN ?= 1
+mutate: $(VENV)/.installed-mutate
+	rm -rf $(MUTATE_DIR)
+	mkdir -p $(MUTATE_DIR)/src
+	cp -r client/mnist_edge $(MUTATE_DIR)/src/
+	cp -r tests pyproject.toml $(MUTATE_DIR)/
+	find $(MUTATE_DIR) -name __pycache__ -prune -exec rm -rf {} +
+	cd $(MUTATE_DIR) && OMP_NUM_THREADS=1 $(CURDIR)/$(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN)
+	cd $(MUTATE_DIR) && $(CURDIR)/$(PY) $(CURDIR)/bench/mutation_report.py --out $(CURDIR)/bench/results/mutation.txt
+
+# mutmut's own dependencies, then mutmut without its click>=8.4.2 (see constraints.txt).
+$(VENV)/.installed-mutate: $(VENV)/.installed
+	$(PY) -m pip install --quiet -c constraints.txt libcst coverage setproctitle textual
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps mutmut
+	touch $@
+
 clean:
-	rm -rf .venv .venv-1.1 $(DEMO) $(SEED) .pytest_cache
+	rm -rf .venv .venv-1.1 $(DEMO) $(SEED) .pytest_cache build

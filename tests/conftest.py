@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+import real_images
 
 from mnist_edge import data
-from mnist_edge.prepare import load_mnist5k
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT_DIR = REPO / "client"
@@ -34,7 +37,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
 @pytest.fixture(scope="session")
 def mnist5k() -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (5000, 28, 28), labels int64) — 500 real MNIST images per digit."""
-    return load_mnist5k()
+    return real_images.mnist5k()
 
 
 @pytest.fixture(autouse=True)
@@ -76,4 +79,28 @@ def node_dir(tmp_path, mnist5k) -> Path:
     return make_node(tmp_path / "node", images, labels, 1000, 300)
 
 
-__all__ = ["make_node", "REPO", "CLIENT_DIR", "VENV_BIN", "CLIENT_LINE", "MODEL_CACHE", "shutil"]
+def shards_fingerprint(files: list[Path]) -> str:
+    """``data_fingerprint`` computed from the files on disk, independently of mnist_edge: the sha256
+    of the shards' sha256 hex digests, in the order the split lists them (by name)."""
+    digests = "".join(hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in sorted(files))
+    return hashlib.sha256(digests.encode("ascii")).hexdigest()
+
+
+def auto_precision_here() -> str:
+    """What ``precision: auto`` must resolve to on this machine's CPU, read from /proc/cpuinfo:
+    bf16 where the CPU lists a native bf16 unit and torch's oneDNN has bf16 kernels, else fp32."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    if not flags:
+        pytest.skip("/proc/cpuinfo lists no CPU flags")
+    native = bool(flags & {"avx512_bf16", "amx_bf16", "bf16", "svebf16"})
+    onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bf16" if native and onednn else "fp32"
+
+
+__all__ = ["shards_fingerprint", "auto_precision_here", "make_node", "REPO", "CLIENT_DIR", "VENV_BIN", "CLIENT_LINE", "MODEL_CACHE", "shutil"]

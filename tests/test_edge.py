@@ -19,9 +19,9 @@ from scaleout.client.importer_package_runtime import ImporterPackageRuntime
 from scaleout.client.logging_context import LoggingContext
 from scaleout.client.task_receiver import StoppedException
 
-from conftest import CLIENT_DIR, CLIENT_LINE
+from conftest import CLIENT_DIR, CLIENT_LINE, auto_precision_here, shards_fingerprint
 
-from mnist_edge import data, edge, model, runtime, training
+from mnist_edge import data, edge, model, runtime
 from mnist_edge.model import ModelFileError
 from mnist_edge.settings import SettingsError
 
@@ -93,11 +93,8 @@ def test_one_local_epoch_raises_test_accuracy_on_real_mnist(started, seed_path, 
     assert isinstance(updated, ScaleoutModel)
     assert [p.shape for p in updated.get_training_model(edge.HELPER)] == list(model.expected_shapes().values())
     assert meta["training_metadata"] == {"num_examples": 1000, "epochs": 1, "batch_size": 64, "learning_rate": 1.0,
-                                         "optimizer": "adadelta",
-                                         "precision": "bf16" if training.bf16_supported(training.select_device())
-                                         else "fp32",
-                                         "seed": 1}
-    assert meta["data_fingerprint"] == data.load_split(node_dir, "train").fingerprint
+                                         "optimizer": "adadelta", "precision": auto_precision_here(), "seed": 1}
+    assert meta["data_fingerprint"] == shards_fingerprint([node_dir / "train" / "shard-000.csv"])
     assert meta["rows_skipped"] == 0 and 0 < meta["training_accuracy"] <= 1
     json.dumps(meta, allow_nan=False)
 
@@ -120,14 +117,58 @@ def test_metrics_are_logged_every_50_batches_and_every_epoch(started, seed_path,
     assert [m["step"] for m in runtime.metrics] == list(range(4))
 
 
-def test_abort_stops_training_at_once_and_returns_nothing(started, seed_path):
+def test_abort_stops_training_at_the_next_batch(started, seed_path):
+    """1000 images in batches of 10: an abort at the 30th check stops before batch 30, long before
+    the first metric log (batch 50), so no metric and no model leave the callback.
+
+    Mutation: check for abort once per epoch instead of before every batch (``on_batch`` moved out
+    of the batch loop): the epoch makes ~4 checks (with log_metric's own), never raises, and this fails.
+    """
     client, runtime = started
-    runtime.abort_at_check = 3
-    result = None
+    runtime.abort_at_check = 30
     with pytest.raises(StoppedException):
-        result = call(client, client.train_callback, seed_model(seed_path), {"batch_size": 10})
-    assert result is None
-    assert runtime.checks == 3  # no batch ran after the abort check that raised
+        call(client, client.train_callback, seed_model(seed_path), {"batch_size": 10})
+    assert runtime.checks == 30  # no batch ran after the abort check that raised
+    assert runtime.metrics == []
+
+
+def test_the_train_result_names_the_exact_shard_bytes_it_trained_on(started, seed_path, node_dir, mnist5k):
+    """``data_fingerprint`` is checked against the sha256 of the files on disk, computed here, not
+    against ``data.load_split`` (the same cached Dataset the callback used).
+
+    Mutations: a constant fingerprint, or one over the first shard only (``shards[:1]`` in
+    ``data._combine``): one of the two comparisons fails.
+    """
+    client, _ = started
+    images, labels = mnist5k
+    train = node_dir / "train"
+    shutil.rmtree(train)
+    data.write_shard(train / "a.csv", images[:60], labels[:60])
+    data.write_shard(train / "b.csv", images[60:100], labels[60:100], fmt="png")
+    settings = {"batch_size": 50, "precision": "fp32"}
+    _, first = call(client, client.train_callback, seed_model(seed_path), settings)
+    assert first["data_fingerprint"] == shards_fingerprint([train / "a.csv", train / "b.csv"])
+    data.write_shard(train / "b.csv", images[60:101], labels[60:101], fmt="png")  # one more image
+    _, second = call(client, client.train_callback, seed_model(seed_path), settings)
+    assert second["training_metadata"]["num_examples"] == 101
+    assert second["data_fingerprint"] == shards_fingerprint([train / "a.csv", train / "b.csv"])
+    assert second["data_fingerprint"] != first["data_fingerprint"]
+
+
+@pytest.mark.parametrize("asked", ["fp32", "bf16", "auto"])
+def test_the_train_result_says_which_precision_computed(started, seed_path, node_dir, mnist5k, asked):
+    """``auto``'s expectation comes from /proc/cpuinfo (conftest), not from ``training.bf16_supported``.
+
+    Mutation: report the requested setting instead of what the loop used (``settings.precision``):
+    ``auto`` is reported as "auto" and this fails.
+    """
+    client, _ = started
+    images, labels = mnist5k
+    shutil.rmtree(node_dir / "train")
+    data.write_shard(node_dir / "train" / "a.csv", images[:64], labels[:64])
+    _, meta = call(client, client.train_callback, seed_model(seed_path), {"precision": asked})
+    expected = auto_precision_here() if asked == "auto" else asked
+    assert meta["training_metadata"]["precision"] == expected
 
 
 def test_bad_settings_fail_the_task_naming_the_key(started, seed_path):

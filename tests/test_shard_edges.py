@@ -6,17 +6,16 @@ reader (the differential property test checks that over many mutated shards).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shards_fingerprint
 from hostile import HEADER, b64_raw, rows, write_lines
 
 from mnist_edge import data
@@ -63,6 +62,26 @@ def test_only_ascii_digits_are_numbers(tmp_path, mnist5k, field, value):
     row = f"{value},3," if field == "image_id" else f"1,{value},"
     shard = data.read_shard(write_lines(tmp_path / "s.csv", [HEADER, row + b64_raw(images[0]) + ",,,"]))
     assert shard.rows_skipped == 1 and shard.bad_rows[0].reason.startswith(field)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_an_image_id_beyond_64_bits_is_a_bad_row_and_the_extremes_are_kept(tmp_path, mnist5k, fast):
+    """ids are int64: 2**63-1 and -2**63 are kept, one past either end (and a 20-digit id) is a bad row.
+
+    Mutation: delete the 64-bit range check in ``ShardBuilder._image_id``: the 20-digit id then
+    raises OverflowError out of ``read_shard`` instead of being skipped; ``<`` made ``<=``: 2**63 is kept.
+    """
+    images, labels = mnist5k
+    ids = [2**63 - 1, -(2**63), 2**63, -(2**63) - 1, 10**19 * 9 + 7, 5]
+    lines = [f"{i},{labels[k]},{b64_raw(images[k])},,," for k, i in enumerate(ids)]
+    shard = data.read_shard(write_lines(tmp_path / "s.csv", [HEADER, *lines]), fast=fast)
+    assert shard.image_ids.tolist() == [2**63 - 1, -(2**63), 5]
+    np.testing.assert_array_equal(shard.images, images[[0, 1, 5]])
+    assert [(b.line, b.column, b.reason) for b in shard.bad_rows] == [
+        (4, "image_id", "image_id '9223372036854775808' does not fit in 64 bits"),
+        (5, "image_id", "image_id '-9223372036854775809' does not fit in 64 bits"),
+        (6, "image_id", "image_id '90000000000000000007' does not fit in 64 bits"),
+    ]
 
 
 def test_a_required_column_twice_is_refused(tmp_path, mnist5k):
@@ -121,7 +140,7 @@ def test_a_rewrite_with_the_same_size_and_mtime_is_seen(tmp_path, mnist5k):
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (other.stat().st_size, other.stat().st_mtime_ns)
     second = data.load_split(tmp_path, "train")
     assert set(first.labels) == {3} and set(second.labels) == {4}
-    assert second.fingerprint == fingerprint_of([path])
+    assert second.fingerprint == shards_fingerprint([path])
 
 
 def test_an_old_rewrite_is_seen_by_its_change_time(tmp_path, mnist5k, monkeypatch):
@@ -147,7 +166,7 @@ def test_a_same_tick_rewrite_is_caught_by_content(tmp_path, mnist5k, monkeypatch
     with open(path, "r+b") as handle:  # in place: same inode, same size
         handle.write(data.write_shard(tmp_path / "new.csv", images[:50], np.full(50, 6)).read_bytes())
     again = data.load_split(tmp_path, "train")
-    assert set(again.labels) == {6} and again.fingerprint == fingerprint_of([path])
+    assert set(again.labels) == {6} and again.fingerprint == shards_fingerprint([path])
 
 
 def test_the_fingerprint_is_of_the_bytes_trained_on(tmp_path, mnist5k):
@@ -156,11 +175,7 @@ def test_the_fingerprint_is_of_the_bytes_trained_on(tmp_path, mnist5k):
              for k in range(3)]
     quoted = files[0].read_text().replace(",,,\n", ',"x",,\n')  # through the general reader too
     files[0].write_text(quoted)
-    assert data.load_split(tmp_path, "train").fingerprint == fingerprint_of(files)
-
-
-def fingerprint_of(files: list[Path]) -> str:
-    return hashlib.sha256("".join(hashlib.sha256(f.read_bytes()).hexdigest() for f in files).encode()).hexdigest()
+    assert data.load_split(tmp_path, "train").fingerprint == shards_fingerprint(files)
 
 
 # -- unreadable directories (as root, only without CAP_DAC_OVERRIDE) -----------------------------------

@@ -12,7 +12,7 @@ import torch
 
 from conftest import MODEL_CACHE
 
-from mnist_edge import data, model, training
+from mnist_edge import data, edge, model, runtime, training
 from mnist_edge.cli import main
 from mnist_edge.prepare import prepare
 from mnist_edge.simulate import fedavg, simulate
@@ -98,6 +98,37 @@ def test_fedavg_weights_by_num_examples():
     average = fedavg([(a, 300), (b, 100)])
     assert np.allclose(average[0], 1.0) and np.allclose(average[1], 2.0)
     assert average[0].dtype == np.float32
+
+
+def test_a_round_is_the_clients_models_weighted_by_their_examples(tmp_path, mnist5k, monkeypatch):
+    """Clients of 400 and 40 training images, one round: the global model must be the
+    ``num_examples``-weighted mean of the two models the clients sent (recorded on their way to the
+    server), computed here with numpy; the round's training_loss is weighted the same way.
+
+    Mutation: a plain mean in ``aggregate.fedavg`` (``* n`` and ``total += n`` made 1), or every
+    client counted as 1 in ``simulate.train_round``: the global model is then far from this mean.
+    """
+    images, labels = mnist5k
+    for i, (first, n) in enumerate([(0, 400), (400, 40)]):
+        client = tmp_path / "data" / f"client-{i}"
+        data.write_shard(client / "train" / "s.csv", images[first : first + n], labels[first : first + n])
+        data.write_shard(client / "test" / "s.csv", images[4000:4020], labels[4000:4020])
+    sent = []
+    run_task = runtime.run_task
+
+    def recording(client, task, *args, **kwargs):
+        local, meta = run_task(client, task, *args, **kwargs)
+        sent.append((edge.params_from(local), meta["training_loss"]))
+        return local, meta
+
+    monkeypatch.setattr(runtime, "run_task", recording)
+    history = simulate(tmp_path / "data", 1, tmp_path / "run", batch_size=40, seed=1, progress=False,
+                       echo=lambda line: None)
+    (big, big_loss), (small, small_loss) = sent
+    expected = [np.average([b, s], axis=0, weights=[400, 40]) for b, s in zip(big, small)]
+    for got, want in zip(model.load_npz(tmp_path / "run" / "global.npz"), expected):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert history[1].training_loss == pytest.approx((400 * big_loss + 40 * small_loss) / 440)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+
+from conftest import auto_precision_here
 
 from mnist_edge import model, training
 from mnist_edge.settings import parse_settings
@@ -14,28 +14,43 @@ from mnist_edge.settings import parse_settings
 CPU = torch.device("cpu")
 
 
-def cpu_flags() -> set[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        pytest.skip("no /proc/cpuinfo to compare with")
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    pytest.skip("/proc/cpuinfo lists no CPU flags")
-
-
 def test_auto_matches_this_cpus_own_flags():
-    native = bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16", "svebf16"})
-    assert training.bf16_supported(CPU) == (native and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    assert training.use_bf16("auto", CPU) == training.bf16_supported(CPU)
+    assert training.use_bf16("auto", CPU) == (auto_precision_here() == "bf16")
     assert training.use_bf16("fp32", CPU) is False and training.use_bf16("bf16", CPU) is True
 
 
-def test_a_cpu_without_a_native_bf16_unit_gets_fp32(monkeypatch):
-    """Plain AVX-512 passes oneDNN's check but only emulates bf16: auto must say fp32 there."""
-    monkeypatch.setattr(training, "_cpu_features", lambda: {"avx512f": True, "avx512_bf16": False})
-    assert training.bf16_supported(CPU) is False
-    assert training.use_bf16("auto", CPU) is False
+@pytest.fixture
+def cpu_like(monkeypatch):
+    """Make this CPU look like another: oneDNN's bf16 kernels usable or not, and its feature flags.
+
+    Both are replaced, so the flags are read on every CPU (on one without oneDNN bf16 the real
+    check would return before looking at them).
+    """
+
+    def pretend(onednn_bf16: bool, **features: bool) -> None:
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
+        monkeypatch.setattr(training, "_cpu_features", lambda: dict(features))
+
+    return pretend
+
+
+@pytest.mark.parametrize("onednn_bf16, features, native", [
+    (True, {"avx512_f": True, "avx512_bf16": False}, False),  # plain AVX-512: oneDNN emulates bf16
+    (True, {"avx512_f": True, "avx512_bf16": True}, True),
+    (True, {"amx_bf16": True}, True),
+    (True, {"bf16": True}, True),  # Arm
+    (True, {"sve_bf16": True}, True),
+    (True, {}, False),
+    (False, {"avx512_bf16": True, "amx_bf16": True}, False),  # no usable bf16 kernels in this torch
+])
+def test_auto_is_bf16_only_on_a_native_bf16_unit_with_onednn_kernels(cpu_like, onednn_bf16, features, native):
+    """Mutations: ignore the CPU features (oneDNN's answer alone), or ignore oneDNN's answer;
+    either way one of these CPUs gets the wrong precision."""
+    cpu_like(onednn_bf16, **features)
+    assert training.bf16_supported(CPU) is native
+    assert training.use_bf16("auto", CPU) is native
+    assert training.use_bf16("fp32", CPU) is False and training.use_bf16("bf16", CPU) is True
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
