@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -40,6 +41,16 @@ class Node:
 
     def run(self, task: str, *args: Any) -> Any:
         return runtime.run_task(self.client, task, *args, model_id="m", round_id="r")
+
+
+class Evil:
+    """Unpickling this makes a directory: proof that a loader executed the pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
 
 
 def node(data_dir: Path, workdir: Path | None = None) -> Node:

@@ -6,6 +6,7 @@ import base64
 import io
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +244,21 @@ def test_bulk_and_row_by_row_paths_agree_on_good_and_bad_rows(tmp_path, mnist5k,
     keep = np.setdiff1d(np.arange(3000), [10, 2500, 2999])
     np.testing.assert_array_equal(plain.images, images[keep])
     np.testing.assert_array_equal(plain.labels, labels[keep])
+
+
+def test_prediction_files_have_the_result_schema(tmp_path):
+    path = data.write_predictions(tmp_path / "out" / "p.csv", np.array([7, -3]), np.array([1, 9]),
+                                  np.array([0.12345678, 1.0], dtype=np.float32))
+    assert path == tmp_path / "out" / "p.csv"
+    assert path.read_text() == "image_id,label,confidence\n7,1,0.123457\n-3,9,1.0\n"
+
+
+def test_a_split_is_a_directory_or_a_single_csv(tmp_path, monkeypatch):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test.csv").write_text("image_id,label,image\n")
+    assert data.has_split(tmp_path, "train") and data.has_split(tmp_path, "test")
+    assert not data.has_split(tmp_path, "predict")
+    monkeypatch.setenv("SCALEOUT_DATA_DIR", str(tmp_path))
+    assert data.data_dir_from_env() == tmp_path
+    monkeypatch.delenv("SCALEOUT_DATA_DIR")
+    assert data.data_dir_from_env() == Path("data")

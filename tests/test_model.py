@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import pytest
 import torch
 
-from mnist_edge import model
+from mnist_edge import model, npz
 from mnist_edge.model import ModelFileError
 
 
@@ -76,3 +78,16 @@ def test_load_npz_rejects_pickles_and_foreign_files(tmp_path):
         model.load_npz(tmp_path / "other.npz")
     with pytest.raises(ModelFileError, match="no such model file"):
         model.load_npz(tmp_path / "missing.npz")
+
+
+def test_an_array_is_refused_past_a_byte_limit_before_it_is_read(tmp_path):
+    """``npz.byte_limit``: exactly the limit is read, one byte more is refused naming the member."""
+    path = tmp_path / "a.npz"
+    np.savez(path, x=np.zeros((10, 10), np.float32))
+    with zipfile.ZipFile(path) as archive:
+        array = npz.read_member(archive, "x.npy", "x", npz.byte_limit(400, "a.npz: x"))
+        assert array.shape == (10, 10)
+        with pytest.raises(npz.ArrayError) as error:
+            npz.read_member(archive, "x.npy", "x", npz.byte_limit(399, "a.npz: x"))
+    assert str(error.value) == ("a.npz: x declares shape (10, 10) of float32 (400 bytes), more than the "
+                                "limit of 399 bytes")

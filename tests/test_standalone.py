@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import shards_fingerprint
+from hostile import Evil
 
 from mnist_edge import cli, data, model
 from mnist_edge.model import ModelFileError
@@ -28,16 +29,6 @@ def run_cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProce
 def read_result(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
-
-
-class Evil:
-    """Unpickling this makes a directory: proof that a loader executed the pickle."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
 
 
 @pytest.fixture(scope="module")

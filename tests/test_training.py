@@ -65,3 +65,49 @@ def test_parameters_and_update_stay_float32_in_the_usual_layout(mnist5k, precisi
     params = model.get_parameters(net)
     assert all(p.dtype == np.float32 for p in params)
     model.check_parameters(params)
+
+
+@pytest.fixture(scope="module")
+def trained_net(mnist5k) -> torch.nn.Module:
+    """A CNN after eight steps on 256 real images: many of its predictions are right, not all."""
+    images, labels = mnist5k
+    pick = np.random.default_rng(0).permutation(len(labels))[:256]  # the images come sorted by digit
+    net = model.new_model(0)
+    training.train(net, images[pick], labels[pick], parse_settings({"precision": "fp32", "seed": 0, "batch_size": 32}))
+    return net
+
+
+def reference_outputs(net: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
+    """Log-probabilities computed here in one batch, normalised as README "Data format" says."""
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    with torch.no_grad():
+        return net.eval()((x - training.MNIST_MEAN) / training.MNIST_STD).double()
+
+
+def test_evaluate_and_predict_agree_with_a_single_batch_reference(trained_net, mnist5k):
+    """1,100 images: two evaluation batches (of 1000 and 100), each checked for abort first.
+
+    Mutations: a wrong batch offset or size, a sum instead of a mean, the max instead of the
+    argmax, a confidence that is the log-probability, one abort check too few: each fails here.
+    """
+    images, labels = mnist5k
+    pick = np.random.default_rng(1).permutation(len(labels))[:1100]
+    images, labels = images[pick], labels[pick]
+    reference = reference_outputs(trained_net, images)
+    checks = []
+    loss, accuracy = training.evaluate(trained_net, images, labels, CPU, on_batch=lambda: checks.append(1))
+    expected_accuracy = (reference.argmax(1).numpy() == labels).mean()
+    assert 0.3 < accuracy < 1 and accuracy == pytest.approx(expected_accuracy, abs=1 / 1100)
+    assert loss == pytest.approx(-reference[torch.arange(1100), labels].mean().item(), rel=1e-4)
+    predicted, confidence = training.predict(trained_net, images, CPU, on_batch=lambda: checks.append(2))
+    assert checks == [1, 1, 2, 2]
+    assert predicted.dtype == np.int64 and confidence.dtype == np.float32 and len(predicted) == 1100
+    assert (predicted == reference.argmax(1).numpy()).mean() > 0.99  # float rounding may flip a near tie
+    np.testing.assert_allclose(confidence, reference.max(1).values.exp().numpy(), rtol=1e-4)
+
+
+def test_predict_on_no_images_is_empty(trained_net):
+    predicted, confidence = training.predict(trained_net, np.zeros((0, 28, 28), np.uint8), CPU)
+    assert predicted.shape == confidence.shape == (0,)
+    assert predicted.dtype == np.int64 and confidence.dtype == np.float32
+    assert training.evaluate(trained_net, np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), CPU) == (0.0, 0.0)
