@@ -149,3 +149,70 @@ def test_training_from_an_aggregated_model_is_the_next_round(model_set, tmp_path
         args = ["train", "--model", str(out), *(["--init", str(init)] if init else []), str(shard)]
         assert main(args) == 0
         assert json.loads(standalone.meta_path(out).read_text())["round"] == expected
+
+
+def test_the_output_meta_is_all_of_this_and_names_each_parent_by_its_hash(model_set, tmp_path):
+    """A member meta without ``round`` or ``model_file`` counts as round 1 with ``mnist.pth``; a
+    fingerprint that is not a string is recorded as null."""
+    write_model(model_set / "a3c0", 2.0, 50, round=..., model_file=..., data_fingerprint=7)
+    target, meta = aggregate.aggregate(model_set, tmp_path / "out.pth")
+    assert meta_text(target) == json.dumps(meta, indent=2) + "\n"
+    created = meta.pop("created_at")
+    assert created.endswith("+00:00") and len(created) == len("2026-01-01T00:00:00+00:00")
+    assert meta == {
+        "model_kind": "mnist", "model_state": "aggregated", "round": 2, "model_file": "out.pth",
+        "aggregation": "fedavg", "num_examples": 450,
+        "parents": [{"model": name, "model_sha256": sha256_of(model_set / name / "mnist.pth"),
+                     "data_fingerprint": fingerprint, "num_examples": n, "round": r}
+                    for name, fingerprint, n, r in (("0b6e", "sha-1.0", 300, 1), ("7f21", "sha-5.0", 100, 2),
+                                                    ("a3c0", None, 50, 1))],
+    }
+
+
+def meta_text(target: Path) -> str:
+    return standalone.meta_path(target).read_text(encoding="utf-8")
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("model_file", ["", ".", ".."])
+def test_a_model_file_that_names_no_file_is_refused(model_set, tmp_path, capsys, model_file):
+    meta_file = _edit_meta(model_set, "7f21", model_file=model_file)
+    assert main(["aggregate", str(model_set), str(tmp_path / "out.pth")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {meta_file}: 'model_file' must be a file name inside "
+                                               f"{model_set / '7f21'}, got {json.dumps(model_file)}")
+
+
+def test_a_member_with_many_metas_lists_the_first_five(model_set, tmp_path, capsys):
+    for k in range(6):
+        (model_set / "7f21" / f"copy{k}.xdata-meta.json").write_text("{}")
+    assert main(["aggregate", str(model_set), str(tmp_path / "out.pth")]) == 2
+    names = sorted(p.name for p in (model_set / "7f21").glob("*.xdata-meta.json"))[:5]
+    assert capsys.readouterr().err.strip() == (f"error: {model_set / '7f21'}: expected one *.xdata-meta.json "
+                                               f"beside the model, found {names}")
+
+
+def test_fedavg_sums_in_float64_and_needs_lists_of_one_length():
+    """2**24 + 1 is not a float32: a float32 running sum would give 0.99999988 here, not 0.99999994."""
+    average = aggregate.fedavg([([np.ones(1, np.float32)], 2**24 + 1), ([np.zeros(1, np.float32)], 1)])
+    assert average[0].dtype == np.float32 and average[0][0] == np.float32((2**24 + 1) / (2**24 + 2))
+    with pytest.raises(ValueError):
+        aggregate.fedavg([([np.ones(1)], 1), ([np.ones(1), np.ones(1)], 1)])
+    with pytest.raises(ValueError, match="^fedavg: no models to average$"):
+        aggregate.fedavg([])
+
+
+def test_the_command_line_says_what_it_takes(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "FedAvg a directory of trained models (weighted by num_examples)" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        main(["aggregate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "aggregate [-h] MODEL_SET_DIR OUT.pth" in text
+    assert "MODEL_SET_DIR a directory of model directories, each with mnist.pth and mnist.xdata-meta.json" in text
+    assert "OUT.pth model file to write, or a directory (mnist.pth inside)" in text

@@ -78,6 +78,16 @@ def test_write_shard_round_trips(tmp_path, mnist5k):
         np.testing.assert_array_equal(shard.image_ids, np.arange(50) * 3)
 
 
+def test_write_shard_writes_the_table_export_layout(tmp_path, mnist5k):
+    """The exact bytes: the export's header and empty extra columns, LF line ends, an empty label
+    for an unlabelled row, and the image in the format asked for."""
+    images, _ = mnist5k
+    path = data.write_shard(tmp_path / "s.csv", images[:2], np.array([7, data.NO_LABEL]), np.array([5, 6]), fmt="png")
+    assert path.read_text() == ("image_id,label,image,start_datetime,end_datetime,location\n"
+                                f"5,7,{shards.encode_image(images[0], 'png')},,,\n"
+                                f"6,,{shards.encode_image(images[1], 'png')},,,\n")
+
+
 BAD_ROWS = [
     ("not-base64", "7", "!!!not base64!!!", "not valid base64"),
     ("short", "7", None, "has 100 bytes, expected 784"),
@@ -137,7 +147,12 @@ def test_first_ten_bad_rows_are_logged_and_all_are_counted(tmp_path, mnist5k, ca
     row_warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped row")]
     assert len(row_warnings) == 10
     assert row_warnings[0].startswith(f"skipped row {tmp_path / 'train' / 's.csv'}:2: image is not valid base64")
-    assert any("15 more rows skipped" in r.getMessage() for r in caplog.records)
+    assert f"{tmp_path / 'train' / 's.csv'}: 15 more rows skipped" in [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    write(tmp_path / "ten.csv", lines[:11] + lines[26:])  # exactly ten bad rows: no "more" line
+    with caplog.at_level(logging.WARNING, logger="mnist_edge"):
+        data.load_dataset(tmp_path / "ten.csv")
+    assert len(caplog.records) == 10 and not any("more rows" in r.getMessage() for r in caplog.records)
 
 
 def test_duplicate_image_ids_are_reported(tmp_path, mnist5k, caplog):
@@ -146,7 +161,7 @@ def test_duplicate_image_ids_are_reported(tmp_path, mnist5k, caplog):
     with caplog.at_level(logging.WARNING, logger="mnist_edge"):
         dataset = data.load_dataset(tmp_path / "d.csv")
     assert dataset.duplicate_image_ids == 2 and len(dataset) == 5
-    assert any("2 rows repeat an image_id" in r.getMessage() for r in caplog.records)
+    assert [r.getMessage() for r in caplog.records] == [f"{tmp_path / 'd.csv'}: 2 rows repeat an image_id already seen"]
 
 
 @pytest.mark.parametrize(
