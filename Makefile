@@ -81,8 +81,9 @@ mutate: $(VENV)/.installed-mutate
 	cp -r client/mnist_edge $(MUTATE_DIR)/src/
 	cp -r tests pyproject.toml $(MUTATE_DIR)/
 	find $(MUTATE_DIR) -name __pycache__ -prune -exec rm -rf {} +
-	cd $(MUTATE_DIR) && OMP_NUM_THREADS=1 $(CURDIR)/$(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN)
-	cd $(MUTATE_DIR) && $(CURDIR)/$(PY) $(CURDIR)/bench/mutation_report.py --out $(CURDIR)/bench/results/mutation.txt
+	cd $(MUTATE_DIR) && start=$$(date +%s) && OMP_NUM_THREADS=1 $(CURDIR)/$(VENV)/bin/mutmut run \
+	    --max-children $(MUTATE_CHILDREN) && $(CURDIR)/$(PY) $(CURDIR)/bench/mutation_report.py \
+	    --seconds $$(( $$(date +%s) - start )) --out $(CURDIR)/bench/results/mutation.txt
 
 # mutmut's own dependencies, then mutmut without its click>=8.4.2 (see constraints.txt).
 $(VENV)/.installed-mutate: $(VENV)/.installed

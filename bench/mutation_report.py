@@ -14,6 +14,7 @@ import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 from mutmut.configuration import config
@@ -120,9 +121,12 @@ def report(mutants: list[Mutant], known: dict[tuple[str, str], str], header: str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--header", default="Mutation testing (`make mutate`)")
+    parser.add_argument("--seconds", type=int, help="how long `mutmut run` took (for the header)")
     args = parser.parse_args()
-    text, unexplained = report(load_mutants(), load_equivalents(EQUIVALENTS), args.header)
+    took = f", {args.seconds // 60} min {args.seconds % 60} s" if args.seconds else ""
+    header = (f"Mutation testing: `make mutate` (mutmut {version('mutmut')}, one worker{took}), "
+              f"against the fast unit tests in pyproject.toml [tool.mutmut].")
+    text, unexplained = report(load_mutants(), load_equivalents(EQUIVALENTS), header)
     args.out.write_text(text, encoding="utf-8")
     print(re.search(r"^all .*$", text, re.M).group(0))
     print(f"report: {args.out}")

@@ -249,7 +249,10 @@ def test_bulk_and_row_by_row_paths_agree_on_good_and_bad_rows(tmp_path, mnist5k,
     write(tmp_path / "plain.csv", [HEADER] + rows)
     quoted = [HEADER] + rows[:-1] + [rows[-1].replace(",,,", ',"quoted, field",,')]
     write(tmp_path / "quoted.csv", quoted)
-    plain, slow = data.read_shard(tmp_path / "plain.csv"), data.read_shard(tmp_path / "quoted.csv")
+    deferred = slow_lines(monkeypatch)
+    plain = data.read_shard(tmp_path / "plain.csv")
+    assert deferred == [12, 1236, 2502, 3001]  # the usual rows (two blocks of them) never leave the bulk path
+    slow = data.read_shard(tmp_path / "quoted.csv")
     for shard in (plain, slow):
         assert len(shard.labels) == 2997 and shard.rows_skipped == 3
         assert [(b.line, b.reason.split(" ")[0]) for b in shard.bad_rows] == [(12, "image"), (2502, "image_id"),
@@ -277,3 +280,30 @@ def test_a_split_is_a_directory_or_a_single_csv(tmp_path, monkeypatch):
     assert data.data_dir_from_env() == tmp_path
     monkeypatch.delenv("SCALEOUT_DATA_DIR")
     assert data.data_dir_from_env() == Path("data")
+
+
+def slow_lines(monkeypatch) -> list[int]:
+    """The line numbers the general reader is handed from now on (the bulk path defers to it)."""
+    seen: list[int] = []
+    general = shards.reader._Lines.slow_line
+
+    def recording(self, line, raw):
+        seen.append(line)
+        return general(self, line, raw)
+
+    monkeypatch.setattr(shards.reader._Lines, "slow_line", recording)
+    return seen
+
+
+@pytest.mark.parametrize("labels_required", [True, False])
+def test_the_usual_rows_of_an_export_take_the_bulk_path(tmp_path, mnist5k, monkeypatch, labels_required):
+    """Mutation: a bulk path that declines rows it could take (a stricter check of ids, labels,
+    the image's length or the comma count): the rows are still right, but read slowly; this sees it."""
+    images, labels = mnist5k
+    labels = labels[:300] if labels_required else np.full(300, data.NO_LABEL)
+    path = data.write_shard(tmp_path / "s.csv", images[:300], labels, np.arange(300) * 10**15)
+    deferred = slow_lines(monkeypatch)
+    shard = data.read_shard(path, labels_required=labels_required)
+    assert deferred == [] and len(shard.labels) == 300
+    np.testing.assert_array_equal(shard.image_ids, np.arange(300) * 10**15)
+    np.testing.assert_array_equal(shard.labels, labels)
