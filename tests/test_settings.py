@@ -99,3 +99,9 @@ def test_messages_show_short_values_whole_and_long_ones_cut():
 def test_a_batch_is_capped_at_the_number_of_examples(examples, batch_size):
     capped = capped_batch_size(parse_settings({"learning_rate": 0.5}), examples)
     assert capped.batch_size == batch_size and capped.learning_rate == 0.5
+
+
+def test_the_settings_as_a_dict_are_every_field():
+    assert parse_settings({"epochs": 2, "seed": 3}).as_dict() == {
+        "epochs": 2, "batch_size": 64, "learning_rate": 1.0, "optimizer": "adadelta", "seed": 3, "precision": "auto",
+        "dp_noise_multiplier": None, "dp_max_grad_norm": None, "dp_epsilon": None}
