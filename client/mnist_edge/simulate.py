@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import data, edge, model, runtime, training
+from .progress import track
 from .settings import parse_settings
 
 HISTORY_FIELDS = ("round", "clients", "training_loss", "test_loss", "test_accuracy", "seconds")
@@ -164,11 +165,9 @@ def train_round(
     Returns the new global parameters and the clients' training loss weighted by ``num_examples``
     (NaN if a client's loss was not finite).
     """
-    from tqdm import tqdm
-
     global_model = edge.to_scaleout_model(params)
     results, loss_sum = [], 0.0
-    for i, client in tqdm(chosen, desc=label, unit="client", leave=False, disable=not progress):
+    for i, client in track(chosen, len(chosen), label, "clients", progress):
         client_settings = {**settings, "seed": round_seed(seed, round_index, i)}
         local, meta = runtime.run_task(client, "train", global_model, client_settings,
                                     model_id=global_model.model_id, round_id=str(round_index))

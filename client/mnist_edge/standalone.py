@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from . import data, model, training
 from .model import ModelFileError
+from .progress import progress
 from .settings import TrainSettings, parse_settings
 
 MODEL_KIND = "mnist"
@@ -44,11 +44,6 @@ def meta_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + META_SUFFIX)
 
 
-def _progress(total: int, desc: str) -> tqdm:
-    """A tqdm bar on a terminal; silent when stderr is a file or pipe (platform logs)."""
-    return tqdm(total=total, desc=desc, unit="batch", disable=None, leave=False)
-
-
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -68,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model.set_parameters(net, model.load_model_file(args.init), args.init)
     dataset = data.load_dataset(args.dataset, labels_required=True)
     batches = settings.epochs * math.ceil(len(dataset) / settings.batch_size)
-    with _progress(batches, "train") as bar:
+    with progress(batches, "train", "batches") as bar:
         result = training.train(net, dataset.images, dataset.labels, settings, on_batch=bar.update,
                                 on_metrics=bar.set_postfix)
     _save(model.get_parameters(net), out)
@@ -103,7 +98,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     net = model.Net()
     model.set_parameters(net, model.load_model_file(args.model), args.model)
     dataset = data.load_dataset(args.dataset, labels_required=False)
-    with _progress(math.ceil(len(dataset) / training.EVAL_BATCH), "predict") as bar:
+    with progress(math.ceil(len(dataset) / training.EVAL_BATCH), "predict", "batches") as bar:
         predicted, confidence = training.predict(net, dataset.images, on_batch=bar.update)
     result = output_path(args.result, DEFAULT_RESULT_NAME)
     data.write_predictions(result, dataset.image_ids, predicted, confidence)

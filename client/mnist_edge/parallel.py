@@ -1,0 +1,93 @@
+"""One batch's gradient on every core: the batch in parts, each part single-threaded on its own core.
+
+torch's intra-op threads split every operator of a training step across the cores and meet at
+a barrier after each one; for this small CNN at batch 64 that gains ~1.4x from a second core
+(and far less when another process takes a core for a moment). Here each core computes the
+gradient of its part of the batch with one intra-op thread, and autograd sums the parts'
+gradients into ``.grad`` (each part's loss is its share of the batch mean), so the optimizer
+still takes one step for the gradient of the whole batch: the same update, without a barrier
+inside the step. See README "Performance" for where this is on and what it was measured to gain.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MEASURED_THREADS = (2,)
+"""Thread counts where parts were measured to beat intra-op threads (``bench/train_throughput.py``)."""
+
+
+def batch_parts(device: torch.device, threads: int | None = None) -> int:
+    """How many parts to split a batch into: one per torch thread, where that was measured to help.
+
+    On the CPU with 2 torch threads: 2 parts. Elsewhere (CUDA, 1 thread, thread counts not yet
+    measured) the batch stays whole and torch's own threading does the work.
+    """
+    threads = torch.get_num_threads() if threads is None else threads
+    return threads if device.type == "cpu" and threads in MEASURED_THREADS else 1
+
+
+def dropout_generators(parts: int, seed: int | None, device: torch.device) -> list[torch.Generator]:
+    """One generator per part, so each part's dropout masks are reproducible from ``seed``."""
+    generators = [torch.Generator(device) for _ in range(parts)]
+    for part, generator in enumerate(generators):
+        if seed is None:
+            generator.seed()
+        else:
+            state = np.random.SeedSequence([seed % 2**64, part]).generate_state(1, np.uint64)[0]
+            generator.manual_seed(int(state))
+    return generators
+
+
+class BatchGradient:
+    """Puts into ``net``'s ``.grad`` the gradient of the mean loss over a batch, in ``parts`` parts.
+
+    Call it with one batch (after ``zero_grad``); it returns the batch's summed loss and its
+    count of correct predictions as tensors (no device sync). Use it as a context manager: the
+    part threads stop on exit.
+    """
+
+    def __init__(self, net: nn.Module, parts: int, bf16: bool, device: torch.device, seed: int | None) -> None:
+        self.net, self.parts, self.bf16, self.device_type = net, parts, bf16, device.type
+        self.generators = dropout_generators(parts, seed, device)
+        self.threads = torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(parts - 1, "batch-part", torch.set_num_threads, (1,)) if parts > 1 else None
+
+    def __enter__(self) -> "BatchGradient":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            torch.set_num_threads(self.threads)  # a part thread's start set the default for new threads
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = len(y)
+        parts = min(self.parts, batch)
+        if parts == 1:
+            return self._part(x, y, batch, self.generators[0])
+        xs, ys = torch.tensor_split(x, parts), torch.tensor_split(y, parts)
+        torch.set_num_threads(1)
+        try:
+            futures: list[Future] = [self._pool.submit(self._part, xs[i], ys[i], batch, self.generators[i])
+                                     for i in range(1, parts)]
+            results = [self._part(xs[0], ys[0], batch, self.generators[0])]
+            results += [future.result() for future in futures]
+        finally:
+            torch.set_num_threads(self.threads)
+        return sum(r[0] for r in results), sum(r[1] for r in results)
+
+    def _part(self, x: torch.Tensor, y: torch.Tensor, batch: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one part; its loss is scaled by its share of the batch."""
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            output = self.net(x, generator)
+        loss_sum = F.nll_loss(output.float(), y, reduction="sum")
+        (loss_sum / batch).backward()
+        with torch.no_grad():
+            return loss_sum.detach(), (output.argmax(1) == y).sum()
