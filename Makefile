@@ -34,13 +34,19 @@ demo: seed
 test: venv
 	$(PY) -m pytest -q
 
-# Performance benchmarks (minutes; not part of `make test`): reports land in bench/results/.
-# BENCH_ARGS is passed to each, e.g. `make bench BENCH_ARGS=--threads=1` on a shared machine.
+# Performance benchmarks (minutes; not part of `make test`): reports land in bench/results/<CPU class>/
+# (the folder `bench/perf_common.py` names for this CPU, e.g. x86_64-avx512_bf16), the round
+# overhead per client line. BENCH_ARGS is passed to the training benchmarks and BENCH_TAG ends their
+# file names, e.g. `make bench BENCH_ARGS=--threads=1 BENCH_TAG=-1thread`.
 BENCH_ARGS ?=
+BENCH_TAG ?=
 bench: venv
-	$(PY) bench/train_throughput.py $(BENCH_ARGS) --out bench/results/train_throughput.txt
-	$(PY) bench/ingest.py --out bench/results/ingest.txt
-	$(PY) bench/round_overhead.py $(BENCH_ARGS) --out bench/results/round_overhead.txt
+	@dir=$$($(PY) bench/perf_common.py) && line=$$($(PY) -c 'import importlib.metadata as m; print(m.version("scaleout"))') && \
+	set -x && \
+	$(PY) bench/train_throughput.py $(BENCH_ARGS) --out $$dir/train_throughput$(BENCH_TAG).txt && \
+	$(PY) bench/train_ideas.py $(BENCH_ARGS) --out $$dir/train_ideas$(BENCH_TAG).txt && \
+	$(PY) bench/ingest.py --out $$dir/ingest.txt && \
+	$(PY) bench/round_overhead.py $(BENCH_ARGS) --out $$dir/round_overhead-scaleout$$line$(BENCH_TAG).txt
 
 clean:
 	rm -rf $(VENV) $(DEMO) $(SEED) .pytest_cache
