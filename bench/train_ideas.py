@@ -1,11 +1,11 @@
-"""Which fp32 training ideas pay: our loop with one idea taken out (or added), against the reference.
+"""Which training ideas pay: our loop with one idea taken out (or added), against the reference.
 
-Every variant runs ``training.train`` (fp32 forced, seed per round) on the same images, all
-alternating in this one process with the pytorch/examples loop (A, from ``train_throughput``);
-the report gives each variant's median images/s and its median ratio to A over the rounds. The
-ideas that are on by default are taken out one at a time ("without ..."), so each line shows
-what that idea is worth on top of the others; ideas that were measured and left out are put
-in ("with ...").
+Every variant runs ``training.train`` (seed per round) on the same images, in fp32 and, where
+this CPU computes bf16 natively, in bf16, all alternating in this one process with the
+pytorch/examples loop (A, from ``train_throughput``, always fp32); the report gives each
+variant's median images/s and its median ratio to A over the rounds. The ideas that are on by
+default are taken out one at a time ("without ..."), so each line shows what that idea is worth
+on top of the others; ideas that were measured and left out are put in ("with ...").
 
     .venv/bin/python bench/train_ideas.py [--train 2000 --reps 5 --threads N]
 """
@@ -51,10 +51,10 @@ VARIANTS: dict[str, Callable[[], ContextManager]] = {
 }
 
 
-def ours_run(x, y, seed: int, variant: Callable[[], ContextManager]) -> float:
+def ours_run(x, y, seed: int, precision: str, variant: Callable[[], ContextManager]) -> float:
     """Seconds for one ``training.train`` call under ``variant``."""
     net = model.new_model(seed)
-    settings = parse_settings({"epochs": 1, "seed": seed, "precision": "fp32"})
+    settings = parse_settings({"epochs": 1, "seed": seed, "precision": precision})
     with variant():
         start = time.perf_counter()
         training.train(net, x, y, settings, device=torch.device("cpu"))
@@ -74,10 +74,13 @@ def main() -> None:
     report = Report()
     report(machine())
     report(f"threads {args.threads}; batch parts by default {parallel.batch_parts(torch.device('cpu'))}; "
-           f"{args.train} images, 1 epoch, batch 64, fp32")
+           f"{args.train} images, 1 epoch, batch 64")
     x, y = images(args.train)
     runs: dict[str, Callable[[int], float]] = {"A reference loop": lambda seed: reference_run(x, y, args, seed)[0].wall}
-    runs.update({name: (lambda seed, v=variant: ours_run(x, y, seed, v)) for name, variant in VARIANTS.items()})
+    precisions = ["fp32"] + (["bf16"] if training.bf16_supported(torch.device("cpu")) else [])
+    for precision in precisions:
+        runs.update({f"{precision} {name}": (lambda seed, p=precision, v=variant: ours_run(x, y, seed, p, v))
+                     for name, variant in VARIANTS.items() if precision == "fp32" or "foreach" not in name})
     for run in runs.values():  # warm-up: oneDNN builds its kernels on first use
         run(0)
     seconds: dict[str, list[float]] = {name: [] for name in runs}
@@ -88,7 +91,7 @@ def main() -> None:
                + f" images/s ({load()})")
     for name, times in seconds.items():
         ratios = [a / t for a, t in zip(seconds["A reference loop"], times)]
-        report(f"{name:40} median {args.train / median(times):6.0f} images/s  ratio to A {median(ratios):.2f} "
+        report(f"{name:45} median {args.train / median(times):6.0f} images/s  ratio to A {median(ratios):.2f} "
                f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
     report(f"(threads {args.threads}; {cpu_tag()}; {load()})")
     report.save(args.out)
