@@ -94,3 +94,11 @@ def test_training_in_parts_is_reproducible_from_the_seed(mnist5k, two_threads):
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not np.array_equal(first[4], other[4])
     assert parallel.batch_parts(CPU) == 2 and torch.get_num_threads() == 2
+
+
+def test_each_part_draws_its_own_masks_from_the_seed():
+    seeded = [g.initial_seed() for g in parallel.dropout_generators(2, 7, CPU)]
+    assert len(set(seeded)) == 2  # the two halves of a batch must not share dropout masks
+    assert seeded == [g.initial_seed() for g in parallel.dropout_generators(2, 7, CPU)]
+    assert seeded != [g.initial_seed() for g in parallel.dropout_generators(2, 8, CPU)]
+    assert [g.initial_seed() for g in parallel.dropout_generators(1, -3, CPU)]  # any integer seed
