@@ -102,3 +102,17 @@ def test_each_part_draws_its_own_masks_from_the_seed():
     assert seeded == [g.initial_seed() for g in parallel.dropout_generators(2, 7, CPU)]
     assert seeded != [g.initial_seed() for g in parallel.dropout_generators(2, 8, CPU)]
     assert [g.initial_seed() for g in parallel.dropout_generators(1, -3, CPU)]  # any integer seed
+
+
+def test_a_node_can_choose_the_parts(monkeypatch):
+    monkeypatch.setenv(parallel.PARTS_ENV, "1")
+    assert parallel.batch_parts(CPU, threads=2) == 1  # a dedicated node: whole batches
+    monkeypatch.setenv(parallel.PARTS_ENV, "3")
+    assert parallel.batch_parts(CPU, threads=2) == 3
+    assert parallel.batch_parts(torch.device("cuda"), threads=2) == 1
+    monkeypatch.setenv(parallel.PARTS_ENV, " Auto ")
+    assert parallel.batch_parts(CPU, threads=2) == 2
+    for bad in ("0", "two", "-1", "1.5"):
+        monkeypatch.setenv(parallel.PARTS_ENV, bad)
+        with pytest.raises(parallel.PartsSettingError, match=f"MNIST_EDGE_BATCH_PARTS must be 'auto' or a whole number >= 1, got '{bad}'"):
+            parallel.batch_parts(CPU, threads=2)

@@ -11,6 +11,7 @@ inside the step. See README "Performance" for where this is on and what it was m
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -18,18 +19,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .settings import SettingsError
+
 MEASURED_THREADS = (2,)
-"""Thread counts where parts were measured to beat intra-op threads (``bench/train_throughput.py``)."""
+"""Thread counts where parts were measured to beat intra-op threads (``bench/train_ideas.py``).
+
+Autograd adds the parts' gradients into ``.grad`` in the order the parts finish: two addends
+commute exactly, so two parts train reproducibly from the seed; more parts would need a fixed
+order of summation first.
+"""
+
+
+PARTS_ENV = "MNIST_EDGE_BATCH_PARTS"
+"""Node setting (never a round setting): ``auto`` (default), or the number of parts (1 = whole batches)."""
+
+
+class PartsSettingError(SettingsError):
+    """``MNIST_EDGE_BATCH_PARTS`` holds something other than ``auto`` or a positive integer."""
 
 
 def batch_parts(device: torch.device, threads: int | None = None) -> int:
     """How many parts to split a batch into: one per torch thread, where that was measured to help.
 
-    On the CPU with 2 torch threads: 2 parts. Elsewhere (CUDA, 1 thread, thread counts not yet
-    measured) the batch stays whole and torch's own threading does the work.
+    ``auto``: on the CPU with 2 torch threads, 2 parts; elsewhere (CUDA, 1 thread, thread counts
+    not yet measured) the batch stays whole and torch's own threading does the work. A node's
+    ``MNIST_EDGE_BATCH_PARTS`` overrides that on the CPU (e.g. ``1`` on a dedicated 2-core node,
+    where whole batches were up to ~10 % faster at the quietest moments measured).
     """
     threads = torch.get_num_threads() if threads is None else threads
-    return threads if device.type == "cpu" and threads in MEASURED_THREADS else 1
+    if device.type != "cpu":
+        return 1
+    chosen = os.environ.get(PARTS_ENV, "auto").strip().lower()
+    if chosen == "auto":
+        return threads if threads in MEASURED_THREADS else 1
+    if not chosen.isdigit() or int(chosen) < 1:
+        raise PartsSettingError(f"{PARTS_ENV} must be 'auto' or a whole number >= 1, got {chosen!r}")
+    return int(chosen)
 
 
 def dropout_generators(parts: int, seed: int | None, device: torch.device) -> list[torch.Generator]:
