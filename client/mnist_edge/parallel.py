@@ -1,12 +1,13 @@
 """One batch's gradient on every core: the batch in parts, each part single-threaded on its own core.
 
-torch's intra-op threads split every operator of a training step across the cores and meet at
-a barrier after each one; for this small CNN at batch 64 that gains ~1.4x from a second core
-(and far less when another process takes a core for a moment). Here each core computes the
-gradient of its part of the batch with one intra-op thread, and autograd sums the parts'
-gradients into ``.grad`` (each part's loss is its share of the batch mean), so the optimizer
-still takes one step for the gradient of the whole batch: the same update, without a barrier
-inside the step. See README "Performance" for where this is on and what it was measured to gain.
+torch's intra-op threads split every operator of a training step across the cores and meet at a
+barrier after each one, so when another process takes a core for a moment every operator waits
+for it. Here each core computes the gradient of its part of the batch with one intra-op thread,
+and autograd sums the parts' gradients into ``.grad`` (each part's loss is its share of the batch
+mean), so the optimizer still takes one step for the gradient of the whole batch: the same update,
+with one meeting per batch instead of one per operator. On the 2-core machine measured it was far
+faster whenever other work shared the cores and a little slower at the quietest moments; README
+"Performance" has the figures and ``MNIST_EDGE_BATCH_PARTS`` lets a node choose.
 """
 
 from __future__ import annotations
