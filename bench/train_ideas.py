@@ -1,98 +1,126 @@
-"""Which training ideas pay: our loop with one idea taken out (or added), against the reference.
+"""Which training ideas pay: our training step with one idea taken out (or added), against the reference.
 
-Every variant runs ``training.train`` (seed per round) on the same images, in fp32 and, where
-this CPU computes bf16 natively, in bf16, all alternating in this one process with the
-pytorch/examples loop (A, from ``train_throughput``, always fp32); the report gives each
-variant's median images/s and its median ratio to A over the rounds. The ideas that are on by
-default are taken out one at a time ("without ..."), so each line shows what that idea is worth
-on top of the others; ideas that were measured and left out are put in ("with ...").
+Each variant is a training step on a batch of 64 real images: the pytorch/examples step (A:
+:class:`train_throughput.ExampleNet` on float32 inputs converted once, ``Adadelta``, fp32) and
+ours (``training.to_input`` + ``training.train_step``: the step ``training.train`` runs), in
+fp32 and, where this CPU computes bf16 natively, in bf16. The ideas that are on by default are
+taken out one at a time ("without ..."), so each line shows what that idea is worth on top of
+the others; ideas that were measured and left out are put in ("with ..."). Every round runs
+``--steps`` steps of each variant, all variants one after the other (in reverse order every
+other round), so a shared machine's load swings reach every variant alike; a variant's ratio is
+the median over the rounds of (A's time / its time) in the same round.
 
-    .venv/bin/python bench/train_ideas.py [--train 2000 --reps 5 --threads N]
+    .venv/bin/python bench/train_ideas.py [--rounds 60 --steps 2 --threads N]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from pathlib import Path
-from typing import Callable, ContextManager
-from unittest import mock
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mnist_edge import model, parallel, training
-from mnist_edge.settings import parse_settings
 from perf_common import Report, cpu_tag, images, load, machine, median
-from train_throughput import ExampleNet, reference_run
+from train_throughput import ExampleNet
+
+CPU = torch.device("cpu")
 
 
-def example_order(net: model.Net, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    return ExampleNet.forward(net, x)  # ReLU before the pool, nn.Dropout's bernoulli masks
+class Reference:
+    """A: the pytorch/examples step on float32 inputs normalised once up front."""
+
+    def __init__(self, pixels: np.ndarray, labels: torch.Tensor) -> None:
+        self.net = ExampleNet()
+        self.net.load_state_dict(model.new_model(0).state_dict())
+        self.net.train()
+        self.optimizer = torch.optim.Adadelta(self.net.parameters(), lr=1.0)
+        self.inputs = torch.from_numpy(pixels).float().div(255).sub(training.MNIST_MEAN).div(training.MNIST_STD)
+        self.inputs, self.labels = self.inputs.unsqueeze(1), labels
+
+    def step(self, index: torch.Tensor) -> None:
+        self.optimizer.zero_grad()
+        F.nll_loss(self.net(self.inputs[index]), self.labels[index]).backward()
+        self.optimizer.step()
 
 
-def torch_dropout(self: model.Dropout, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    return F.dropout(x, self.p, self.training)
+class Ours:
+    """Our step, as ``training.train`` runs it, with one idea changed by the keyword arguments."""
+
+    def __init__(self, pixels: np.ndarray, labels: torch.Tensor, bf16: bool, parts: int | None = None,
+                 channels_last: bool = True, pool_first: bool = True, byte_dropout: bool = True,
+                 foreach: bool = False) -> None:
+        self.net = model.new_model(0)
+        if not pool_first:  # the example's order; its dropout is still ours unless taken out below
+            self.net.forward = lambda x, generator=None: ExampleNet.forward(self.net, x)
+        if not byte_dropout:
+            for layer in (self.net.dropout1, self.net.dropout2):
+                layer.forward = lambda x, generator=None, p=layer.p: F.dropout(x, p, True)
+        self.memory_format = training.memory_format_for(CPU) if channels_last else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format).train()
+        self.optimizer = (torch.optim.Adadelta(self.net.parameters(), lr=1.0, foreach=True) if foreach
+                          else training.make_optimizer("adadelta", self.net.parameters(), 1.0))
+        parts = parallel.batch_parts(CPU) if parts is None else parts
+        self.gradient = parallel.BatchGradient(self.net, parts, bf16, CPU, seed=0)
+        self.pixels, self.labels = torch.from_numpy(pixels), labels
+
+    def step(self, index: torch.Tensor) -> None:
+        x = training.to_input(self.pixels[index], CPU, self.memory_format)
+        training.train_step(self.gradient, self.optimizer, x, self.labels[index])
 
 
-def foreach_optimizer(name: str, params, learning_rate: float) -> torch.optim.Optimizer:
-    return torch.optim.Adadelta(params, lr=learning_rate, foreach=True)
-
-
-VARIANTS: dict[str, Callable[[], ContextManager]] = {
-    "ours (all on)": contextlib.nullcontext,
-    "without batch parts (intra-op threads)": lambda: mock.patch.object(training, "batch_parts", lambda *a: 1),
-    "without channels_last": lambda: mock.patch.object(training, "memory_format_for",
-                                                       lambda device: torch.contiguous_format),
-    "without pool-before-ReLU": lambda: mock.patch.object(model.Net, "forward", example_order),
-    "without byte-mask dropout": lambda: mock.patch.object(model.Dropout, "forward", torch_dropout),
-    "with foreach Adadelta": lambda: mock.patch.object(training, "make_optimizer", foreach_optimizer),
+IDEAS: dict[str, dict] = {
+    "ours (all on)": {},
+    "without batch parts (intra-op threads)": {"parts": 1},
+    "without channels_last": {"channels_last": False},
+    "without pool-before-ReLU": {"pool_first": False},
+    "without byte-mask dropout": {"byte_dropout": False},
+    "with foreach Adadelta": {"foreach": True},
 }
-
-
-def ours_run(x, y, seed: int, precision: str, variant: Callable[[], ContextManager]) -> float:
-    """Seconds for one ``training.train`` call under ``variant``."""
-    net = model.new_model(seed)
-    settings = parse_settings({"epochs": 1, "seed": seed, "precision": precision})
-    with variant():
-        start = time.perf_counter()
-        training.train(net, x, y, settings, device=torch.device("cpu"))
-        return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train", type=int, default=2000, help="training images per run (default 2000)")
-    parser.add_argument("--reps", type=int, default=5, help="rounds of alternation (default 5)")
+    parser.add_argument("--rounds", type=int, default=60, help="rounds of alternation (default 60)")
+    parser.add_argument("--steps", type=int, default=2, help="steps of each variant per round (default 2)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     args = parser.parse_args()
-    args.epochs, args.batch_size, args.learning_rate = 1, 64, 1.0
     torch.set_num_threads(args.threads)
     training.keep_freed_memory()  # process-wide, as in train_throughput
     report = Report()
     report(machine())
-    report(f"threads {args.threads}; batch parts by default {parallel.batch_parts(torch.device('cpu'))}; "
-           f"{args.train} images, 1 epoch, batch 64")
-    x, y = images(args.train)
-    runs: dict[str, Callable[[int], float]] = {"A reference loop": lambda seed: reference_run(x, y, args, seed)[0].wall}
-    precisions = ["fp32"] + (["bf16"] if training.bf16_supported(torch.device("cpu")) else [])
-    for precision in precisions:
-        runs.update({f"{precision} {name}": (lambda seed, p=precision, v=variant: ours_run(x, y, seed, p, v))
-                     for name, variant in VARIANTS.items() if precision == "fp32" or "foreach" not in name})
-    for run in runs.values():  # warm-up: oneDNN builds its kernels on first use
-        run(0)
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for seed in range(args.reps):
-        for name, run in (runs.items() if seed % 2 == 0 else reversed(runs.items())):
-            seconds[name].append(run(seed))
-        report(f"round {seed}: " + ", ".join(f"{args.train / s[-1]:.0f}" for s in seconds.values())
-               + f" images/s ({load()})")
+    report(f"threads {args.threads}; batch parts by default {parallel.batch_parts(CPU)}; batch 64; "
+           f"{args.rounds} rounds of {args.steps} steps per variant")
+    pixels, labels = images(64 * 60)
+    labels = torch.from_numpy(labels.astype(np.int64))
+    variants: dict[str, Callable[[torch.Tensor], None]] = {"A reference step (fp32)": Reference(pixels, labels).step}
+    for precision in ["fp32"] + (["bf16"] if training.bf16_supported(CPU) else []):
+        for name, idea in IDEAS.items():
+            if precision == "fp32" or "foreach" not in name:
+                variants[f"{precision} {name}"] = Ours(pixels, labels, precision == "bf16", **idea).step
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0)).view(-1, 64)
+    for step in variants.values():  # warm-up: oneDNN builds its kernels on first use
+        for batch in order[:3]:
+            step(batch)
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(args.rounds):
+        items = list(variants.items())
+        for name, step in items if round_index % 2 == 0 else reversed(items):
+            start = time.perf_counter()
+            for k in range(args.steps):
+                step(order[(round_index * args.steps + k) % len(order)])
+            seconds[name].append((time.perf_counter() - start) / args.steps)
+    reference = seconds["A reference step (fp32)"]
     for name, times in seconds.items():
-        ratios = [a / t for a, t in zip(seconds["A reference loop"], times)]
-        report(f"{name:45} median {args.train / median(times):6.0f} images/s  ratio to A {median(ratios):.2f} "
-               f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+        ratios = [a / t for a, t in zip(reference, times)]
+        report(f"{name:45} median {1e3 * median(times):6.1f} ms/step, fastest {1e3 * min(times):6.1f}; "
+               f"ratio to A {median(ratios):.2f} (quartiles {np.percentile(ratios, 25):.2f}-"
+               f"{np.percentile(ratios, 75):.2f})")
     report(f"(threads {args.threads}; {cpu_tag()}; {load()})")
     report.save(args.out)
 

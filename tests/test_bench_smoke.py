@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 THROUGHPUT_RUN = ["--train", "128", "--test", "64", "--reps", "1", "--threads", "2"]
 SMOKE_RUNS = {
-    "train_ideas.py": ["--train", "128", "--reps", "1", "--threads", "2"],
+    "train_ideas.py": ["--rounds", "2", "--steps", "1", "--threads", "2"],
     "ingest.py": ["--rows", "200", "--png-rows", "50", "--reps", "1"],
     "round_overhead.py": ["--images", "128", "--reps", "1", "--threads", "1"],
 }

@@ -217,9 +217,7 @@ def _train_epochs(
             index = order[start : start + settings.batch_size]
             x = to_input(x_all[index], device, memory_format)
             y = y_all[index].to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss, batch_correct = gradient(x, y)
-            optimizer.step()
+            batch_loss, batch_correct = train_step(gradient, optimizer, x, y)
             batches += 1
             window_loss += batch_loss.double()
             window_correct += batch_correct
@@ -237,6 +235,18 @@ def _train_epochs(
             on_metrics({"training_loss": loss_sum / seen, "training_accuracy": correct / seen})
     return TrainResult(n, settings.epochs, loss_sum / max(seen, 1), correct / max(seen, 1), batches,
                        "bf16" if gradient.bf16 else "fp32")
+
+
+def train_step(gradient: BatchGradient, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update: the gradient of the whole batch (``x`` from :func:`to_input`), then one step.
+
+    Returns the batch's summed loss and its count of correct predictions, as tensors.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, correct = gradient(x, y)
+    optimizer.step()
+    return loss_sum, correct
 
 
 @torch.no_grad()
