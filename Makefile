@@ -1,23 +1,45 @@
 # Every target installs what it needs: a fresh machine with Python 3.11 and make is enough.
+#
+# Two scaleout client lines are tested; LINE picks one (README "Development"):
+#   LINE=1.0.7 (default)  scaleout 1.0.7, Python 3.11, .venv,     pinned by constraints.txt
+#   LINE=1.1              scaleout 1.1.x, Python 3.12, .venv-1.1, pinned by constraints-1.1.txt
+LINE ?= 1.0.7
+ifeq ($(LINE),1.0.7)
+VENV        := .venv
+CONSTRAINTS := constraints.txt
+PYTHON_WANTED := python3.11 or python3 on PATH
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
-VENV   := .venv
+else ifeq ($(LINE),1.1)
+VENV        := .venv-1.1
+CONSTRAINTS := constraints-1.1.txt
+PYTHON_WANTED := Python 3.12: python3.12 on PATH or pyenv's ~/.pyenv/versions/3.12*/bin/python3.12
+# A pyenv shim named python3.12 exists even when it refuses to run: try each candidate.
+PYTHON ?= $(shell for p in "$$(command -v python3.12)" $(HOME)/.pyenv/versions/3.12*/bin/python3.12; do \
+	"$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { echo "$$p"; break; }; done)
+else
+$(error LINE must be 1.0.7 or 1.1, got '$(LINE)')
+endif
 PY     := $(VENV)/bin/python
 SEED_DIR ?= seed
 SEED   := $(SEED_DIR)/seed.npz
 DEMO   := demo
 
-.PHONY: venv demo test seed package bench clean
+.PHONY: venv demo test test-client-1.1 seed package bench clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
-	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 on PATH (set PYTHON=/path/to/python3.11)"; exit 1; }
+# `scaleout run install -p client` finds python_env.yaml satisfied and records that in the venv
+# (env_metadata.txt): scaleout 1.1's `run build` then runs in this venv instead of building a
+# managed one of its own (~6 GB). PIP_CONSTRAINT keeps that pip run on the pins as well.
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) client/python_env.yaml
+	@test -n "$(PYTHON)" || { echo "error: LINE=$(LINE) needs $(PYTHON_WANTED); none found (set PYTHON=/path/to/python)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) torch==2.13.0
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
+	PIP_CONSTRAINT=$(CURDIR)/$(CONSTRAINTS) $(VENV)/bin/scaleout run install -p client
 	touch $@
 
-# scaleout 1.0.7's `run build` exits 0 even when build() raises: check the file instead.
+# scaleout's `run build` exits 0 even when build() raises: check the file instead.
 seed: venv
 	rm -f $(SEED)
 	SCALEOUT_BUILD_OUTPUT_DIR=$(SEED_DIR) $(VENV)/bin/scaleout run build -p client
@@ -34,10 +56,15 @@ demo: seed
 test: venv
 	$(PY) -m pytest -q
 
+# The whole suite on the scaleout 1.1.x line (Python 3.12, .venv-1.1).
+test-client-1.1:
+	$(MAKE) test LINE=1.1
+
 # Performance benchmarks (minutes; not part of `make test`): reports land in bench/results/<CPU class>/
-# (the folder `bench/perf_common.py` names for this CPU, e.g. x86_64-avx512_bf16), the round
-# overhead per client line. BENCH_ARGS is passed to the training benchmarks and BENCH_TAG ends their
-# file names, e.g. `make bench BENCH_ARGS=--threads=1 BENCH_TAG=-1thread`.
+# (the folder `bench/perf_common.py` names for this CPU, e.g. x86_64-avx512_bf16), the round overhead
+# per client line (LINE=1.1 for the 1.1 line), the privacy benchmark in bench/results/. BENCH_ARGS is
+# passed to each but ingest, BENCH_TAG ends the per-class file names, e.g.
+# `make bench BENCH_ARGS=--threads=1 BENCH_TAG=-1thread`.
 BENCH_ARGS ?=
 BENCH_TAG ?=
 bench: venv
@@ -46,7 +73,8 @@ bench: venv
 	$(PY) bench/train_throughput.py $(BENCH_ARGS) --out $$dir/train_throughput$(BENCH_TAG).txt && \
 	$(PY) bench/train_ideas.py $(BENCH_ARGS) --out $$dir/train_ideas$(BENCH_TAG).txt && \
 	$(PY) bench/ingest.py --out $$dir/ingest.txt && \
-	$(PY) bench/round_overhead.py $(BENCH_ARGS) --out $$dir/round_overhead-scaleout$$line$(BENCH_TAG).txt
+	$(PY) bench/round_overhead.py $(BENCH_ARGS) --out $$dir/round_overhead-scaleout$$line$(BENCH_TAG).txt && \
+	$(PY) bench/privacy.py $(BENCH_ARGS) --out bench/results/privacy.txt
 
 clean:
-	rm -rf $(VENV) $(DEMO) $(SEED) .pytest_cache
+	rm -rf .venv .venv-1.1 $(DEMO) $(SEED) .pytest_cache

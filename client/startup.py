@@ -4,7 +4,7 @@ Everything is imported here, eagerly: once startup returns, ``client/`` is no lo
 ``sys.path``, and the callbacks later run in the client's working directory.
 """
 
-from mnist_edge import data, edge, model, settings, training  # noqa: F401  (eager imports)
+from mnist_edge import data, edge, ledger, model, privacy, settings, training  # noqa: F401  (eager imports)
 
 
 def startup(client) -> None:

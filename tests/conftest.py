@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,17 @@ from mnist_edge.prepare import load_mnist5k
 REPO = Path(__file__).resolve().parents[1]
 CLIENT_DIR = REPO / "client"
 VENV_BIN = Path(sys.executable).parent
+# The scaleout client line under test: "1.0.7" (.venv) or "1.1" (.venv-1.1), as the Makefile's LINE.
+CLIENT_LINE = "1.1" if tuple(int(p) for p in version("scaleout").split(".")[:2]) >= (1, 1) else "1.0.7"
+# Where EdgeClient stages models, relative to its working directory.
+MODEL_CACHE = ".scaleout/model_cache" if CLIENT_LINE == "1.1" else ".model_cache"
+# Lines a test wants in the run's closing summary (measurements such as the e2e accuracies).
+SUMMARY: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for line in SUMMARY:
+        terminalreporter.write_line(f"[scaleout {version('scaleout')}] {line}")
 
 
 @pytest.fixture(scope="session")
@@ -64,4 +76,4 @@ def node_dir(tmp_path, mnist5k) -> Path:
     return make_node(tmp_path / "node", images, labels, 1000, 300)
 
 
-__all__ = ["make_node", "REPO", "CLIENT_DIR", "VENV_BIN", "shutil"]
+__all__ = ["make_node", "REPO", "CLIENT_DIR", "VENV_BIN", "CLIENT_LINE", "MODEL_CACHE", "shutil"]

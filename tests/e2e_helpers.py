@@ -109,6 +109,7 @@ class EdgeNode:
     workdir: Path
     data_dir: Path
     process: subprocess.Popen | None = field(default=None, repr=False)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. the node's DP budget
 
     @property
     def log_path(self) -> Path:
@@ -123,9 +124,13 @@ class EdgeNode:
             SCALEOUT_GRPC_SECURE="false",
             SCALEOUT_CLIENT_TASK_POLLING_INTERVAL=polling_interval,
             SCALEOUT_DATA_DIR=self.data_dir,
+            **self.env,
         )
+        # --disable-managed-env: run in this venv. scaleout 1.1 would otherwise build one from
+        # python_env.yaml in ./.scaleout/venvs (GBs) and restart itself in it; 1.0.7 does that
+        # only for --remote-package, and takes the flag as well.
         args = [SCALEOUT, "client", "start", "--api-url", combiner.api_url, "--client-id", self.name,
-                "--name", self.name]
+                "--name", self.name, "--disable-managed-env"]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(  # noqa: S603 (fixed argv, no shell)
                 [str(a) for a in args], cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -19,11 +19,15 @@ SMOKE_RUNS = {
     "train_ideas.py": ["--rounds", "2", "--steps", "1", "--threads", "2"],
     "ingest.py": ["--rows", "200", "--png-rows", "50", "--reps", "1"],
     "round_overhead.py": ["--images", "128", "--reps", "1", "--threads", "1"],
+    "privacy.py": ["--batch", "8", "--steps", "1", "--reps", "1", "--threads", "1", "--modes", "hooks", "ghost",
+                   "--clients", "2", "--rounds", "1", "--train-images", "64", "--fed-batch-size", "32",
+                   "--budgets", "8"],
 }
 EXPECTED = {
     "train_ideas.py": "fp32 without batch parts",
     "ingest.py": "peak RSS above the interpreter+imports baseline",
     "round_overhead.py": "edge.to_scaleout_model (compressed once)",
+    "privacy.py": "DP step (ghost) / plain step (auto)",
 }
 
 

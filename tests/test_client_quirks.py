@@ -1,28 +1,33 @@
-"""What scaleout 1.0.7's client does with callbacks' values: the quirks README.rst documents.
+"""What each scaleout client line does with callbacks' values: the quirks README.rst documents.
 
 A ten-line compute package of numpy callbacks (no torch, so clients start in a second or two)
 runs inside real ``scaleout client start`` processes against the loopback combiner. These
-tests pin the client's behaviour, not this package's: when an upgrade changes one, the test
-fails and the README's "Known client quirks" section needs the same change.
-``test_combiner_e2e.py`` shows how this package copes with each.
+tests pin the client's behaviour, not this package's, on the line under test (``CLIENT_LINE``:
+1.0.7 or 1.1): when an upgrade changes one, the test fails and the README's "Known client
+quirks" section needs the same change. ``test_combiner_e2e.py`` shows how this package copes.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from combiner import INFER, TRAIN, VALIDATE, Task, TestCombiner
+from conftest import CLIENT_LINE, MODEL_CACHE, VENV_BIN
 from e2e_helpers import SCALEOUT, EdgeNode, Fleet, quiet_env
 
 pytestmark = pytest.mark.e2e
 
 POLL = 1
 TIMEOUT = 60
+ON_1_1 = CLIENT_LINE == "1.1"
 
 STARTUP = '''
 import time
@@ -69,6 +74,17 @@ def startup(client):
     client.set_custom_callback("probe_types", probe_types)
     client.set_custom_callback("numpy_result", lambda parameters: {"value": np.float32(1.0)})
     client.set_custom_callback("raises", lambda parameters: 1 / 0)
+    client.set_custom_callback("ping", lambda parameters: client.log_attributes({"ping": parameters["token"]}))
+
+    def survey():
+        for step in range(2000):
+            client.check_task_abort()
+            time.sleep(0.05)
+        return {"steps": step}
+
+    if hasattr(client, "start_autonomous_task"):  # scaleout 1.1
+        client.set_custom_callback("start_survey", lambda parameters: client.start_autonomous_task(
+            survey, "survey", parameters).correlation_id)
 '''
 
 
@@ -107,6 +123,19 @@ def run_one(fleet: Fleet, task_type: str, model_id: str, data: dict | None = Non
     return task
 
 
+def sent_everything_before(fleet: Fleet) -> None:
+    """Return once the first client has sent all it queued before now.
+
+    1.1 sends messages from a priority queue after the task that made them is reported done;
+    an attribute queued now, in the lowest class any of them uses, arrives after them all.
+    Only then does "nothing arrived" mean "nothing was sent".
+    """
+    token = str(uuid.uuid4())
+    run_one(fleet, "Custom_ping", "", {"parameters": {"token": token}})
+    fleet.combiner.wait_until(lambda: fleet.combiner.attributes_of(fleet.ids[0]).get("ping") == token,
+                              TIMEOUT, "the ping attribute")
+
+
 def start_once(combiner: TestCombiner, workdir: Path, *args: str, **env: str) -> tuple[int, str]:
     """``scaleout client start`` in ``workdir``, run until it exits by itself."""
     command = [str(SCALEOUT), "client", "start", *(args or ("--api-url", combiner.api_url))]
@@ -115,40 +144,61 @@ def start_once(combiner: TestCombiner, workdir: Path, *args: str, **env: str) ->
     return result.returncode, result.stdout + result.stderr
 
 
-def assert_gives_up_with_status_0(
-    combiner: TestCombiner, workdir: Path, error: str, *args: str, **env: str
-) -> None:
-    status, output = start_once(combiner, workdir, *args, **env)
-    assert status == 0 and error in output, f"exit status {status}:\n{output[-2000:]}"
+def assert_gives_up(combiner: TestCombiner, workdir: Path, status: int, error: str, *args: str, **env: str) -> None:
+    exit_status, output = start_once(combiner, workdir, *args, **env)
+    assert exit_status == status and error in output, f"exit status {exit_status}:\n{output[-2000:]}"
 
 
 def test_the_client_exits_0_when_it_cannot_start(fleet: Fleet, tmp_path: Path) -> None:
     combiner, plaintext = fleet.combiner, {"SCALEOUT_GRPC_SECURE": "false"}
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_gives_up_with_status_0(combiner, empty, "[ERROR] Could not find scaleout.yaml", **plaintext)
+    assert_gives_up(combiner, empty, 0, "[ERROR] Could not find scaleout.yaml", **plaintext)
 
     failing = tmp_path / "failing"
     write_package(failing, "def startup(client):\n    raise RuntimeError('no data here')\n")
-    assert_gives_up_with_status_0(
-        combiner, failing, "[ERROR] Error executing entrypoint 'startup': no data here", **plaintext
-    )
+    assert_gives_up(combiner, failing, 0, "[ERROR] Error executing entrypoint 'startup': no data here", **plaintext)
 
     working = tmp_path / "working"
     write_package(working)
-    # TLS is the default and the combiner is plaintext.
-    assert_gives_up_with_status_0(combiner, working, "[ERROR] Could not initialize GRPC connection")
+    # A TLS channel to a plaintext combiner: 1.0.7 uses TLS unless told otherwise; 1.1 follows the
+    # combiner's grpc_secure (false here) unless SCALEOUT_GRPC_SECURE says true.
+    tls = {"SCALEOUT_GRPC_SECURE": "true"} if ON_1_1 else {}
+    assert_gives_up(combiner, working, 0, "[ERROR] Could not initialize GRPC connection", **tls)
     with socket.socket() as closed:  # a port nobody listens on
         closed.bind(("127.0.0.1", 0))
         unreachable = f"http://127.0.0.1:{closed.getsockname()[1]}"
-    assert_gives_up_with_status_0(
-        combiner, working, "[ERROR] Connect to Scaleout API - Error occurred", "--api-url", unreachable
-    )
-    # The attach mode never sets the client id.
-    attach = ("--combiner", "127.0.0.1", "--combiner-port", str(combiner.port))
-    assert_gives_up_with_status_0(
-        combiner, working, "bad argument type for built-in operation", *attach, **plaintext
-    )
+    # 1.0.7 gives up at once; 1.1 retries 4 times with backoff (about 8-15 s) first.
+    error = ("[ERROR] Connect to Scaleout API - giving up after 5 attempts" if ON_1_1
+             else "[ERROR] Connect to Scaleout API - Error occurred")
+    assert_gives_up(combiner, working, 0, error, "--api-url", unreachable)
+
+
+def test_the_attach_mode_fails_without_an_api_url(fleet: Fleet, tmp_path: Path) -> None:
+    """``--combiner HOST --combiner-port PORT``: 1.0.7 never sets the client id, 1.1 crashes first."""
+    write_package(tmp_path)
+    attach = ("--combiner", "127.0.0.1", "--combiner-port", str(fleet.combiner.port))
+    if ON_1_1:
+        assert_gives_up(fleet.combiner, tmp_path, 1, "TypeError: argument of type 'NoneType' is not iterable",
+                        *attach, SCALEOUT_GRPC_SECURE="false")
+    else:
+        assert_gives_up(fleet.combiner, tmp_path, 0, "bad argument type for built-in operation",
+                        *attach, SCALEOUT_GRPC_SECURE="false")
+
+
+@pytest.mark.skipif(not ON_1_1, reason="1.0.7 has no grpc_secure in the assignment: TLS unless told")
+def test_without_scaleout_grpc_secure_the_client_follows_the_combiner(fleet: Fleet, tmp_path: Path) -> None:
+    write_package(tmp_path)
+    node = EdgeNode("follower", tmp_path, tmp_path / "data")
+    args = [str(SCALEOUT), "client", "start", "--api-url", fleet.combiner.api_url, "--client-id", node.name]
+    with open(node.log_path, "wb") as log:
+        node.process = subprocess.Popen(args, cwd=tmp_path, env=quiet_env(tmp_path), stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        fleet.combiner.wait_for_clients([node.name], TIMEOUT)
+        assert "Using combiner-reported grpc_secure=False" in node.log_tail()
+    finally:
+        node.kill()
 
 
 def test_a_fractional_polling_interval_crashes_the_client(fleet: Fleet, tmp_path: Path) -> None:
@@ -162,6 +212,7 @@ def test_a_validate_callback_that_raises_is_reported_completed_without_metrics(
 ) -> None:
     task = run_one(fleet, VALIDATE, model_id)
     assert (task.status, task.response) == ("COMPLETED", None)
+    sent_everything_before(fleet)
     assert not [v for v in fleet.combiner.validations if v.correlation_id == task.correlation_id]
 
 
@@ -170,18 +221,25 @@ def test_the_inference_return_value_is_dropped_and_log_metric_has_no_context(
 ) -> None:
     task = run_one(fleet, INFER, model_id, {"parameters": {}})
     assert (task.status, task.response) == ("COMPLETED", None)
-    attributes = [{a.key: a.value for a in m.attributes} for m in fleet.combiner.attributes]
-    assert {"log_metric_returned": "False"} in attributes
+    returned = fleet.combiner.wait_until(
+        lambda: fleet.combiner.attributes_of(fleet.ids[0]).get("log_metric_returned"), TIMEOUT,
+        "the log_metric_returned attribute")
+    assert returned == "False"
     # The model stays staged in the working directory until someone deletes it.
-    assert (fleet.nodes[0].workdir / ".model_cache" / f"{model_id}.scm").is_file()
+    assert (fleet.nodes[0].workdir / MODEL_CACHE / f"{model_id}.scm").is_file()
 
 
-def test_log_metric_takes_numbers_and_log_attributes_strings(fleet: Fleet) -> None:
+def test_log_metric_takes_numbers_and_log_attributes_values_per_line(fleet: Fleet) -> None:
+    """Both: log_metric raises on a string and sends None as 0.0. log_attributes: 1.0.7 takes
+    strings only (AttributeMessage), 1.1 any JSON value (AttributeRecord payload)."""
     task = run_one(fleet, "Custom_probe_types", "", {"parameters": {}})
     assert task.status == "COMPLETED"
-    assert task.response == {"metric_str": "TypeError", "metric_none": True, "attribute_int": "TypeError"}
+    assert task.response == {"metric_str": "TypeError", "metric_none": True,
+                             "attribute_int": True if ON_1_1 else "TypeError"}
+    sent_everything_before(fleet)
     none_sent = [e.value for m in fleet.combiner.metrics for e in m.metrics if e.key == "m"]
     assert none_sent == [0.0]
+    assert fleet.combiner.attributes_of(fleet.ids[0]).get("a") == (1 if ON_1_1 else None)
 
 
 def test_a_custom_callback_that_raises_is_reported_completed_without_response(fleet: Fleet) -> None:
@@ -196,8 +254,47 @@ def test_train_metadata_json_cannot_encode_fails_the_task_after_the_upload(
     task = run_one(fleet, TRAIN, model_id, {"client_settings": {}})
     assert task.status == "FAILED"
     assert "Object of type float32 is not JSON serializable" in task.response["error"]
-    assert len(fleet.combiner.uploads) == uploads_before + 1  # orphaned: no SendModelUpdate names it
+    assert len(fleet.combiner.uploads) == uploads_before + 1  # orphaned: no ModelUpdate names it
+    sent_everything_before(fleet)
     assert not [u for u in fleet.combiner.updates if u.correlation_id == task.correlation_id]
+
+
+def test_empty_build_dependencies_make_an_installed_env_unverifiable(tmp_path: Path) -> None:
+    """Both lines write an empty line for them into env_metadata.txt, then read it back as a
+    dependency: ``scaleout run install`` fails and a managed env never verifies."""
+    check = ("import sys; from scaleoututil.utils.environment import PythonEnv\n"
+             "env = PythonEnv(build_dependencies=sys.argv[2:3], dependencies=['numpy'])\n"
+             "env.set_path(sys.argv[1]); env.install_into_current_env(capture_output=True)\n"
+             "print(env.verify_installed_env())")
+    verified = [subprocess.run([str(VENV_BIN / "python"), "-c", check, str(tmp_path), *build], check=True,
+                               capture_output=True, text=True, timeout=TIMEOUT).stdout.split()[-1]
+                for build in ([], ["pip"])]  # numpy and pip are installed: pip installs nothing
+    assert verified == ["False", "True"]
+
+
+@pytest.mark.skipif(not ON_1_1, reason="autonomous tasks are 1.1's")
+def test_an_autonomous_task_registers_with_the_combiner_and_can_be_stopped_by_it(fleet: Fleet) -> None:
+    """The client reports a task it started with command_type until a directive names it back."""
+    combiner = fleet.combiner
+    started = run_one(fleet, "Custom_start_survey", "", {"parameters": {"area": 3}})
+    assert started.status == "COMPLETED"
+    task = combiner.wait_until(lambda: combiner.tasks_by_id().get(started.response), TIMEOUT,
+                               "the autonomous task to register")
+    assert (task.autonomous, task.request.type, task.client_id) == (True, "Autonomous_survey", fleet.ids[0])
+    assert json.loads(task.request.data) == {"area": 3}
+    combiner.interrupt(task.correlation_id)
+    [stopped] = combiner.wait_for_tasks([task.correlation_id], TIMEOUT)
+    assert stopped.status == "INTERRUPTED" and all(stopped.client_times), stopped.client_times
+    assert stopped.registration_reports == 1  # the directive that named it back was the ack
+
+
+@pytest.mark.skipif(not ON_1_1, reason="1.0.7 has no SCALEOUT_VENV_DIR")
+def test_the_managed_env_folder_is_taken_from_scaleout_archive_dir() -> None:
+    probe = "from scaleoututil.config import SCALEOUT_VENV_DIR; print(SCALEOUT_VENV_DIR)"
+    env = {**os.environ, "SCALEOUT_ARCHIVE_DIR": "/srv/archive"}
+    result = subprocess.run([str(VENV_BIN / "python"), "-c", probe], env=env, capture_output=True, text=True,
+                            check=True, timeout=TIMEOUT)
+    assert result.stdout.strip() == "/srv/archive"
 
 
 def test_sigterm_during_a_task_exits_0_and_never_reports_the_task(fleet: Fleet, model_id: str) -> None:
@@ -210,8 +307,14 @@ def test_sigterm_during_a_task_exits_0_and_never_reports_the_task(fleet: Fleet, 
     assert (combiner.task(cid).status, combiner.task(cid).done) == ("RUNNING", False)
 
 
-def test_a_custom_result_json_cannot_encode_stops_the_client(fleet: Fleet) -> None:
+def test_a_custom_result_json_cannot_encode_fails_the_task_or_stops_the_client(fleet: Fleet) -> None:
+    """1.0.7: the polling thread dies on json.dumps and the client exits 0; 1.1: the task FAILS."""
     node, combiner = fleet.nodes[0], fleet.combiner
+    if ON_1_1:
+        task = run_one(fleet, "Custom_numpy_result", "", {"parameters": {}})
+        assert task.status == "FAILED" and "is not JSON serializable" in task.response["error"]
+        node.check_alive()
+        return
     combiner.health_check = None
     cid = combiner.submit_task(node.name, "Custom_numpy_result", "", {"parameters": {}})
     assert node.wait_exit() == 0  # the polling thread died on json.dumps; the client gave up

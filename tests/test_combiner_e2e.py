@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from combiner import INFER, TRAIN, VALIDATE, Task, TestCombiner
+from conftest import CLIENT_LINE, SUMMARY
 from e2e_helpers import (
     EdgeNode,
     Fleet,
@@ -137,11 +138,11 @@ def assert_all(tasks: dict[str, Task], status: str) -> None:
     assert not wrong, f"expected every task {status}, got {wrong}"
 
 
-def sent_for(tasks: dict[str, Task], messages: list, rpc: str) -> dict:
-    """The message each completed task sent; the client reports COMPLETED even when it sent none."""
-    by_task = {m.correlation_id: m for m in messages}
-    missing = sorted(c for c, t in tasks.items() if t.correlation_id not in by_task)
-    assert not missing, f"{rpc} missing from {missing} although their tasks COMPLETED (see client.log)"
+def sent_for(fleet: Fleet, tasks: dict[str, Task], messages: list, what: str) -> dict:
+    """The message (update, validation) each task sent, by client; the task's COMPLETED alone
+    proves nothing: 1.1 sends its queued messages after the task may have been reported done."""
+    by_task = fleet.combiner.wait_for_messages(messages, [t.correlation_id for t in tasks.values()],
+                                               TASK_TIMEOUT, what)
     return {c: by_task[t.correlation_id] for c, t in tasks.items()}
 
 
@@ -149,7 +150,7 @@ def run_round(fleet: Fleet, held_out: HeldOut, model_id: str, number: int) -> Ro
     combiner, round_id, settings = fleet.combiner, f"round-{number}", round_settings(number)
     train = run_all(fleet, TRAIN, model_id, {"client_settings": settings}, round_id)
     assert_all(train, "COMPLETED")
-    updates = sent_for(train, combiner.updates, "SendModelUpdate")
+    updates = sent_for(fleet, train, combiner.updates, "ModelUpdate")
     metas = {c: json.loads(u.meta) for c, u in updates.items()}
     aggregate = fedavg(
         combiner,
@@ -159,7 +160,9 @@ def run_round(fleet: Fleet, held_out: HeldOut, model_id: str, number: int) -> Ro
     aggregate_id = combiner.put_model(aggregate)
     validate = run_all(fleet, VALIDATE, aggregate_id, {}, round_id)
     assert_all(validate, "COMPLETED")
-    validations = sent_for(validate, combiner.validations, "SendModelValidation")
+    # The validation is queued after the training metrics in the same first-in-first-out class
+    # (1.1), so once it has arrived every metric of the round has too.
+    validations = sent_for(fleet, validate, combiner.validations, "ModelValidation")
     return Round(
         round_id=round_id,
         settings=settings,
@@ -181,8 +184,11 @@ def metric_values(messages: list[msg.ModelMetric], key: str) -> list[float]:
     return [e.value for m in messages for e in m.metrics if e.key == key]
 
 
-def attributes_of(combiner: TestCombiner, client_id: str) -> list[dict[str, str]]:
-    return [{a.key: a.value for a in m.attributes} for m in combiner.attributes if m.client_id == client_id]
+def prediction_summary(combiner: TestCombiner, client_id: str, model_id: str) -> dict | None:
+    """The client's prediction_* attributes once all of them, for ``model_id``, have arrived."""
+    values = combiner.attributes_of(client_id)
+    keys = {f"prediction_{k}" for k in ("model_id", "count", "output", "rows_skipped", "accuracy", "labelled")}
+    return values if keys <= set(values) and values["prediction_model_id"] == model_id else None
 
 
 # -- the user's path --------------------------------------------------------------------------
@@ -231,6 +237,8 @@ def test_fedavg_accuracy_rises_every_round_and_ends_above_90_percent(
     rounds: list[Round], seed_id: str, fleet: Fleet, held_out: HeldOut
 ) -> None:
     accuracies = [held_out.accuracy(fleet.combiner.get_params(seed_id))] + [r.accuracy for r in rounds]
+    SUMMARY.append("e2e FedAvg held-out accuracy, seed then rounds 1-3: "
+                   + ", ".join(f"{a:.4f}" for a in accuracies))
     assert all(later > earlier for earlier, later in zip(accuracies, accuracies[1:])), accuracies
     assert accuracies[-1] >= 0.90, accuracies
 
@@ -249,15 +257,18 @@ def test_inference_writes_a_predictions_csv_and_reports_its_summary_as_attribute
         assert [int(r["image_id"]) for r in rows] == predict_set.image_ids.tolist()
         assert all(int(r["label"]) in range(10) and 0.0 <= float(r["confidence"]) <= 1.0 for r in rows)
 
-        # The client drops the inference callback's return value; the summary travels as attributes.
-        summaries = [a for a in attributes_of(fleet.combiner, node.name)
-                     if a.get("prediction_model_id") == final.aggregate_id]
-        assert len(summaries) == 1, attributes_of(fleet.combiner, node.name)
-        summary = summaries[0]
-        assert summary["prediction_count"] == str(len(predict_set))
+        # The client drops the inference callback's return value; the summary travels as attributes,
+        # as plain values: 1.0.7's AttributeMessage carries strings only, 1.1's records JSON values.
+        summary = fleet.combiner.wait_until(
+            lambda: prediction_summary(fleet.combiner, node.name, final.aggregate_id),
+            TASK_TIMEOUT, f"the prediction summary of {node.name}",
+        )
+        count, accuracy = summary["prediction_count"], summary["prediction_accuracy"]
+        if CLIENT_LINE == "1.0.7":
+            count, accuracy = int(count), float(accuracy)
+        assert count == len(predict_set) and isinstance(count, int)
         assert Path(summary["prediction_output"]) == output
         # predict/ holds the labelled test shard: the same images validation scored.
-        accuracy = float(summary["prediction_accuracy"])
         assert accuracy == pytest.approx(final.validations[node.name]["test_accuracy"], abs=2 / len(rows))
 
 
@@ -312,17 +323,52 @@ def test_invalid_settings_fail_the_round_naming_the_key_then_clients_serve_the_n
 
 
 def test_a_model_that_does_not_fit_is_named_in_the_log_though_validation_reports_completed(
-    fleet: Fleet,
+    fleet: Fleet, seed_id: str
 ) -> None:
     """Client quirk: a validate callback that raises is reported COMPLETED, with no metrics."""
-    node = fleet.nodes[0]
-    wrong_id = fleet.combiner.put_model([np.zeros((3, 3), np.float32)])
-    [task] = fleet.combiner.wait_for_tasks(
-        [fleet.combiner.submit_task(node.name, VALIDATE, wrong_id, round_id="wrong-model")], TASK_TIMEOUT
+    node, combiner = fleet.nodes[0], fleet.combiner
+    wrong_id = combiner.put_model([np.zeros((3, 3), np.float32)])
+    [task] = combiner.wait_for_tasks(
+        [combiner.submit_task(node.name, VALIDATE, wrong_id, round_id="wrong-model")], TASK_TIMEOUT
     )
     assert task.status == "COMPLETED"
-    assert not [v for v in fleet.combiner.validations if v.correlation_id == task.correlation_id]
+    # A later validation from the same node has arrived; one for the wrong model would have come
+    # first (1.1 sends its queued validations in order), so none was sent.
+    later = combiner.submit_task(node.name, VALIDATE, seed_id, round_id="after-wrong-model")
+    combiner.wait_for_messages(combiner.validations, [later], TASK_TIMEOUT, "the next ModelValidation")
+    assert not [v for v in combiner.validations if v.correlation_id == task.correlation_id]
     assert f"model {wrong_id}: expected 8 parameter arrays" in node.log_tail(20_000)
+    # The reason reached the server as a plain string attribute.
+    assert "expected 8 parameter arrays" in combiner.attributes_of(node.name)["validation_error"]
+
+
+def test_telemetry_reaches_the_combiner_from_every_client(fleet: Fleet) -> None:
+    """memory_usage and cpu_usage every 5 s: 1.0.7 as TelemetryMessage pairs, 1.1 as records."""
+    combiner = fleet.combiner
+
+    def reported() -> set[str]:
+        keys: dict[str, set[str]] = {}
+        for t in combiner.telemetry:
+            pairs = [e.key for e in t.telemetries] if isinstance(t, msg.TelemetryMessage) else [t.key]
+            keys.setdefault(t.client_id, set()).update(pairs)
+        return {c for c, k in keys.items() if {"memory_usage", "cpu_usage"} <= k}
+
+    combiner.wait_until(lambda: reported() >= set(fleet.ids), 30, "memory_usage and cpu_usage from every client")
+    if CLIENT_LINE == "1.1":
+        records = [t for t in combiner.telemetry if t.key == "cpu_usage"]
+        assert all(0.0 <= json.loads(t.payload)["value"] <= 100.0 for t in records), records[:3]
+
+
+@pytest.mark.skipif(CLIENT_LINE != "1.1", reason="heartbeats, backlog reports and poll_interval_ms are 1.1's")
+def test_heartbeats_backlog_reports_and_poll_interval_reach_the_combiner(fleet: Fleet) -> None:
+    combiner = fleet.combiner
+    assert {c: combiner.poll_intervals_ms.get(c) for c in fleet.ids} == {c: {POLL * 1000} for c in fleet.ids}
+    beating = {h.client_id for h in combiner.heartbeats if h.heartbeat_interval_ms == 2000}
+    assert beating == set(fleet.ids), combiner.heartbeats[:3]
+    # Every 30 s from the start; the rounds before this test took longer than that.
+    combiner.wait_until(lambda: {r.client_id for r in combiner.backlog_reports} >= set(fleet.ids), 40,
+                        "a backlog report from every client")
+    assert all(r.backlog_dropped_total == 0 for r in combiner.backlog_reports), combiner.backlog_reports
 
 
 def test_clients_shut_down_cleanly_before_the_combiner(fleet: Fleet) -> None:

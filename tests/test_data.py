@@ -176,7 +176,7 @@ def test_missing_and_empty_locations_fail_naming_the_path(tmp_path):
 def test_unreadable_file_fails_naming_the_path(tmp_path):
     path = tmp_path / "shard.csv"
     path.mkdir()  # unreadable as a file, even for root
-    with pytest.raises(DataError, match=f"{path}: cannot read shard"):
+    with pytest.raises(DataError, match=f"{path}: is a directory, expected a regular CSV file"):
         data.read_shard(path)
 
 
@@ -223,7 +223,7 @@ def test_bulk_and_row_by_row_paths_agree_on_good_and_bad_rows(tmp_path, mnist5k,
     Both with the compiled base64 decoder (pybase64) and with the stdlib fallback.
     """
     if decoder == "stdlib":
-        monkeypatch.setattr(shards, "_b64decode_strict", shards._stdlib_b64decode_strict)
+        monkeypatch.setattr(shards.codecs, "b64decode_strict", shards.codecs.stdlib_b64decode_strict)
     images, labels = mnist5k
     rows = [f"{i},{labels[i]},{b64_raw(images[i])},,," for i in range(3000)]
     rows[10] = f"10,{labels[10]},###,,,"  # bad base64

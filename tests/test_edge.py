@@ -19,7 +19,7 @@ from scaleout.client.importer_package_runtime import ImporterPackageRuntime
 from scaleout.client.logging_context import LoggingContext
 from scaleout.client.task_receiver import StoppedException
 
-from conftest import CLIENT_DIR
+from conftest import CLIENT_DIR, CLIENT_LINE
 
 from mnist_edge import data, edge, model, runtime, training
 from mnist_edge.model import ModelFileError
@@ -216,17 +216,27 @@ def test_predict_writes_one_row_per_image_and_reports_attributes(started, seed_p
     assert [r["image_id"] for r in rows] == [str(i) for i in range(500, 537)]
     assert all(0 <= int(r["label"]) <= 9 and 0 < float(r["confidence"]) <= 1 for r in rows)
     assert summary == {"model_id": seed.model_id, "count": 37, "output": str(out), "rows_skipped": 0}
-    assert runtime.attributes[-1] == {"prediction_model_id": seed.model_id, "prediction_count": "37",
-                                      "prediction_output": str(out), "prediction_rows_skipped": "0"}
+    # What a server reads: plain values, never a JSON string inside the 1.1 record's JSON payload.
+    expected = {"prediction_model_id": seed.model_id, "prediction_count": 37,
+                "prediction_output": str(out), "prediction_rows_skipped": 0}
+    if CLIENT_LINE == "1.0.7":  # its AttributeMessage carries strings only: numbers as their JSON text
+        expected.update(prediction_count="37", prediction_rows_skipped="0")
+    assert runtime.attributes[-1] == expected
 
 
-def test_predict_on_labelled_test_split_with_output_override(started, seed_path, tmp_path):
+def test_predict_on_labelled_test_split_with_output_override(started, seed_path, node_dir):
     client, runtime = started
-    out = tmp_path / "elsewhere" / "p.csv"
-    summary = call(client, client.inference_callback, seed_model(seed_path), {"data": "test", "output": str(out)})
+    out = node_dir / "elsewhere" / "p.csv"  # a relative output is inside the data directory
+    summary = call(client, client.inference_callback, seed_model(seed_path), {"data": "test", "output": "elsewhere/p.csv"})
+    assert summary["output"] == str(out.resolve())
     assert summary["count"] == 300 == len(read_predictions(out)) and summary["labelled"] == 300
     assert 0 <= summary["accuracy"] <= 1
-    assert all(isinstance(v, str) for v in runtime.attributes[-1].values())
+    sent = runtime.attributes[-1]
+    if CLIENT_LINE == "1.0.7":
+        assert all(isinstance(v, str) for v in sent.values())
+        assert json.loads(sent["prediction_accuracy"]) == summary["accuracy"]
+    else:
+        assert sent["prediction_accuracy"] == summary["accuracy"] and sent["prediction_labelled"] == 300
 
 
 def test_predict_rejects_unknown_parameters(started, seed_path):

@@ -58,7 +58,7 @@ def test_mnist5k_is_the_bundled_real_subset(mnist5k):
     ("missing", "no such file or directory (expected mnist5k, IDX files or mnist.npz)"),
     ("bad-magic", "not an unsigned-byte IDX file (bad magic number)"),
     ("no-labels", "no matching labels file train-labels-idx1-ubyte"),
-    ("truncated", "header says [5, 28, 28] but holds"),
+    ("truncated", "header says [5, 28, 28] (3,920 bytes) but the file holds 3,910 bytes"),
 ])
 def test_bad_sources_name_the_file(tmp_path, mnist5k, setup, message):
     images, labels = mnist5k

@@ -23,15 +23,15 @@ def test_valid_values_are_accepted_and_normalised():
 @pytest.mark.parametrize(
     "raw,message",
     [
-        ({"epochs": 0}, "setting 'epochs' must be an integer >= 1, got 0"),
-        ({"epochs": 1.5}, "setting 'epochs' must be an integer >= 1, got 1.5"),
-        ({"epochs": True}, "setting 'epochs' must be an integer >= 1, got True"),
-        ({"batch_size": "64"}, "setting 'batch_size' must be an integer >= 1, got '64'"),
-        ({"learning_rate": 0}, "setting 'learning_rate' must be a number > 0, got 0"),
-        ({"learning_rate": float("nan")}, "setting 'learning_rate' must be a number > 0, got nan"),
+        ({"epochs": 0}, "setting 'epochs' must be an integer from 1 to 1000, got 0"),
+        ({"epochs": 1.5}, "setting 'epochs' must be an integer from 1 to 1000, got 1.5"),
+        ({"epochs": True}, "setting 'epochs' must be an integer from 1 to 1000, got True"),
+        ({"batch_size": "64"}, "setting 'batch_size' must be an integer from 1 to 1024, got '64'"),
+        ({"learning_rate": 0}, "setting 'learning_rate' must be a number > 0 and <= 1000, got 0"),
+        ({"learning_rate": float("nan")}, "setting 'learning_rate' must be a number > 0 and <= 1000, got nan"),
         ({"optimizer": "rmsprop"}, "setting 'optimizer' must be one of adadelta, sgd, adam, got 'rmsprop'"),
         ({"precision": "fp16"}, "setting 'precision' must be one of auto, fp32, bf16, got 'fp16'"),
-        ({"seed": "1"}, "setting 'seed' must be an integer, got '1'"),
+        ({"seed": "1"}, "setting 'seed' must be an integer from 0 to 2**63-1, got '1'"),
         ({"epoch": 2}, "unknown setting 'epoch'; accepted settings are: epochs, batch_size, learning_rate"),
     ],
 )

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import MODEL_CACHE
+
 from mnist_edge import data, model, training
 from mnist_edge.cli import main
 from mnist_edge.prepare import prepare
@@ -56,7 +58,7 @@ def test_accuracy_rises_and_the_table_is_written(run_dir):
     assert [r["test_accuracy"] for r in history["rounds"]] == pytest.approx(accuracy, abs=1e-6)
     assert set(history["rounds"][2]["client_test_accuracy"]) == {"client-0", "client-1"}
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (run_dir / ".model_cache").is_dir()  # EdgeClient's cache goes into RUN, not the cwd
+    assert (run_dir / MODEL_CACHE).is_dir()  # EdgeClient's cache goes into RUN, not the cwd
 
 
 def test_global_accuracy_is_the_union_of_the_clients_test_splits(run_dir, clients_dir):
@@ -102,7 +104,7 @@ def test_fedavg_weights_by_num_examples():
     (["--clients-per-round", "3"], "--clients-per-round must be between 1 and 2, got 3"),
     (["--clients-per-round", "0"], "--clients-per-round must be between 1 and 2, got 0"),
     (["--rounds", "0"], "--rounds must be >= 1, got 0"),
-    (["--batch-size", "0"], "setting 'batch_size' must be an integer >= 1, got 0"),
+    (["--batch-size", "0"], "setting 'batch_size' must be an integer from 1 to 1024, got 0"),
 ])
 def test_bad_arguments_exit_2_with_message(clients_dir, tmp_path, capsys, extra, message):
     args = ["simulate", "--data", str(clients_dir), "--out", str(tmp_path / "run"), "--rounds", "1", *extra]

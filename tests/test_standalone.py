@@ -153,7 +153,7 @@ def test_a_pickle_disguised_as_npz_fails_in_a_real_process_without_running(bad_f
     (["train", "--model", "m.pth", "header-only.csv"], "header-only.csv: no valid rows"),
     (["train", "--model", "m.pth", "empty.csv"], "empty.csv: empty file, expected a header row"),
     (["train", "--model", "m.pth", "--epochs", "0", "header-only.csv"],
-     "setting 'epochs' must be an integer >= 1, got 0"),
+     "setting 'epochs' must be an integer from 1 to 1000, got 0"),
     (["train", "--model", "m.pth", "--init", "narrow.pth", "header-only.csv"],
      "narrow.pth: fc1.weight expected shape"),
     (["predict", "--model", "missing.pth", "header-only.csv", "r.csv"], "missing.pth: no such model file"),
@@ -200,8 +200,9 @@ def test_kind_comes_from_the_content_not_the_name(seed_path, tmp_path):
 def test_pickles_inside_npz_or_pth_never_run(tmp_path):
     marker = tmp_path / "executed"
     with open(tmp_path / "objects.npz", "wb") as handle:
-        np.savez(handle, **{"0": np.array([Evil(marker)], dtype=object)})
-    with pytest.raises(ModelFileError, match="objects.npz: not a numpy .npz parameter file without pickles"):
+        arrays = {str(i): p for i, p in enumerate(model.get_parameters(model.Net()))}
+        np.savez(handle, **{**arrays, "0": np.array([Evil(marker)], dtype=object)})
+    with pytest.raises(ModelFileError, match=r"objects.npz: array 0 \(conv1.weight\) is object, expected plain"):
         model.load_model_file(tmp_path / "objects.npz")
     torch.save({"conv1.weight": Evil(marker)}, tmp_path / "evil.pth")
     with pytest.raises(ModelFileError, match="evil.pth: not a state_dict that loads with weights_only=True"):

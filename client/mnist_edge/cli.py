@@ -11,16 +11,20 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import simulate, standalone
+from . import aggregate, privacy, simulate, standalone
 from .data import DataError
 from .model import ModelFileError
 from .partition import PARTITIONS, PartitionError
+from .paths import PathError
 from .prepare import SourceError
+from .privacy import PrivacyError
 from .settings import SettingsError
 from .simulate import SimulationError
+from .training import TrainingDiverged
 
-# OSError: an output path that cannot be written (its message names the path).
-USER_ERRORS = (DataError, ModelFileError, SourceError, SettingsError, PartitionError, SimulationError, OSError)
+# OSError (paths.OutputError among them): an output path that cannot be written (its message names the path).
+USER_ERRORS = (DataError, ModelFileError, SourceError, SettingsError, PartitionError, SimulationError, PrivacyError,
+               PathError, TrainingDiverged, OSError)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -53,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_command(commands)
 
     standalone.add_commands(commands)
+    aggregate.add_command(commands)
+    privacy.add_command(commands)
     return parser
 
 

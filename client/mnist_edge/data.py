@@ -9,11 +9,15 @@ files in the same layout.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import logging
 import os
+import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -30,8 +34,11 @@ from .shards import (  # noqa: F401  (re-exported: callers use data.X for the sh
     encode_image,
     read_shard,
 )
+from .paths import atomic_write
+from .shards.hashing import file_sha256
 
 log = logging.getLogger("mnist_edge")
+SPLITS = ("predict", "test", "train")
 
 
 @dataclass
@@ -56,28 +63,61 @@ class Dataset:
         return bool(len(self.labels)) and bool(np.all(self.labels != NO_LABEL))
 
 
-# -- splits, cache, fingerprint ---------------------------------------------------------------
+# -- the cache: decoded shards and datasets, kept while they are current ----------------------
 
-_shard_cache: dict[tuple[str, bool], tuple[tuple[int, int], Shard]] = {}
+RACY_NS = 2_000_000_000
+"""A file changed this recently (ns) may change again within one timestamp tick unseen: re-hash it."""
+DATASET_CACHE_ENTRIES = 16
+"""Locations whose datasets are kept (train, test, predict and a few more); the oldest goes first."""
+
+Stamp = tuple[int, int, int, int, int]
 
 
-def _stat_key(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_mtime_ns, stat.st_size
+@dataclass
+class _Cached:
+    stamp: Stamp
+    shard: Shard
+    racy: bool  # changed within RACY_NS of being read: confirm by content until it is older
+
+
+_shard_cache: dict[tuple[str, bool], _Cached] = {}
+_dataset_cache: dict[tuple[str, bool], tuple[tuple[int, ...], Dataset]] = {}
+
+
+def _stamp(status: os.stat_result) -> Stamp:
+    """What a rewrite always changes: ``cp -p``, ``rsync -a`` and ``tar`` restore size and mtime,
+    but no tool can set the inode change time (ctime) or keep the inode of a replaced file."""
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
+
+
+def _is_racy(status: os.stat_result) -> bool:
+    return time.time_ns() - max(status.st_mtime_ns, status.st_ctime_ns) < RACY_NS
 
 
 def cached_shard(path: Path, labels_required: bool) -> tuple[Shard, bool]:
-    """The shard from the in-process cache, re-read only if the file changed; (shard, was_read)."""
+    """The shard from the in-process cache, re-read if the file changed; (shard, was_read).
+
+    A file that changed within :data:`RACY_NS` of being read could change again within the same
+    timestamp tick; until it is older, a cache hit is confirmed by hashing the file.
+    """
     key = (str(path.resolve()), labels_required)
     try:
-        stamp = _stat_key(path)
+        status = os.stat(path)
     except OSError as error:
         raise DataError(f"{path}: cannot read shard ({error.strerror or error})") from error
     hit = _shard_cache.get(key)
-    if hit and hit[0] == stamp:
-        return hit[1], False
+    if hit and hit.stamp == _stamp(status):
+        if not hit.racy:
+            return hit.shard, False
+        try:
+            unchanged = file_sha256(path) == hit.shard.sha256
+        except OSError as error:
+            raise DataError(f"{path}: cannot read shard ({error.strerror or error})") from error
+        if unchanged:
+            hit.racy = _is_racy(status)
+            return hit.shard, False
     shard = read_shard(path, labels_required)
-    _shard_cache[key] = (stamp, shard)
+    _shard_cache[key] = _Cached(_stamp(status), shard, _is_racy(status))
     return shard, True
 
 
@@ -87,22 +127,66 @@ def clear_cache() -> None:
     _dataset_cache.clear()
 
 
+def _keep_cache(key: tuple[str, bool], stamp: tuple[int, ...], dataset: Dataset) -> None:
+    """Cache ``dataset`` for its location, drop the oldest locations, and every shard no dataset uses."""
+    _dataset_cache.pop(key, None)
+    _dataset_cache[key] = (stamp, dataset)
+    while len(_dataset_cache) > DATASET_CACHE_ENTRIES:
+        del _dataset_cache[next(iter(_dataset_cache))]
+    used = {(str(p.resolve()), required) for (_, required), (_, d) in _dataset_cache.items() for p in d.files}
+    for stale in [k for k in _shard_cache if k not in used]:
+        del _shard_cache[stale]
+
+
+# -- splits -----------------------------------------------------------------------------------
+
+
+def _entry_problem(path: Path) -> str | None:
+    """Why a ``*.csv`` directory entry cannot be a shard, or None for a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if path.is_symlink():
+            return f"is a dangling symbolic link (to {os.readlink(path)})"
+        return f"cannot be read ({error.strerror or error})"
+    if stat.S_ISREG(mode):
+        return None
+    return "is a directory" if stat.S_ISDIR(mode) else "is a FIFO, device or socket"
+
+
 def shard_files(location: str | Path) -> list[Path]:
-    """The CSV shards at ``location``: a ``.csv`` file, or the ``*.csv`` files of a directory."""
+    """The CSV shards at ``location``: a ``.csv`` file, or the ``*.csv`` files of a directory.
+
+    A ``*.csv`` entry that is not a regular file (a dangling link, a link loop, a FIFO, a
+    directory) fails the task naming it: skipping it would train on less without a word.
+    """
     location = Path(location)
-    if location.is_file():
-        return [location]
-    if location.is_dir():
-        files = sorted(p for p in location.iterdir() if p.suffix.lower() == ".csv" and p.is_file())
-        if not files:
-            raise DataError(f"{location}: no *.csv shards in this directory")
-        return files
-    raise DataError(f"{location}: no such file or directory")
+    try:
+        if location.is_dir():
+            entries = sorted(p for p in location.iterdir() if p.suffix.lower() == ".csv")
+        elif location.is_file():
+            return [location]
+        else:
+            raise DataError(f"{location}: no such file or directory")
+    except OSError as error:
+        raise DataError(f"{location}: cannot list directory ({error.strerror or error})") from error
+    for entry in entries:
+        problem = _entry_problem(entry)
+        if problem:
+            raise DataError(f"{entry}: {problem}, expected a CSV shard (remove it or rename it)")
+    if not entries:
+        raise DataError(f"{location}: no *.csv shards in this directory")
+    return entries
 
 
 def split_location(data_dir: str | Path, split: str) -> Path:
     """``DATA/split/`` (a directory of shards), or ``DATA/split.csv`` as a single shard."""
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"{data_dir}: is a file, expected the node's data directory (SCALEOUT_DATA_DIR) "
+                        "holding train/, test/, predict/")
     directory = data_dir / split
     single = data_dir / f"{split}.csv"
     if not directory.exists() and single.is_file():
@@ -110,24 +194,22 @@ def split_location(data_dir: str | Path, split: str) -> Path:
     return directory
 
 
-_dataset_cache: dict[tuple[tuple[str, ...], bool], tuple[tuple, Dataset]] = {}
-
-
 def load_dataset(location: str | Path, labels_required: bool = True) -> Dataset:
     """All valid rows under ``location``; reports bad rows; raises DataError if none are valid."""
     files = shard_files(location)
-    key = (tuple(str(p.resolve()) for p in files), labels_required)
+    key = (str(Path(location).resolve()), labels_required)
     results = [cached_shard(p, labels_required) for p in files]
     shards = [shard for shard, _ in results]
     stamp = tuple(id(shard) for shard in shards)
     hit = _dataset_cache.get(key)
     if hit and hit[0] == stamp:
+        _dataset_cache[key] = _dataset_cache.pop(key)  # most recently used last
         return hit[1]
     for shard, was_read in results:
         if was_read:
             _report(shard)
     dataset = _combine(Path(location), shards)
-    _dataset_cache[key] = (stamp, dataset)
+    _keep_cache(key, stamp, dataset)
     return dataset
 
 
@@ -186,24 +268,26 @@ def write_shard(
     fmt: str = "raw",
 ) -> Path:
     """Write a shard in the table-export layout (extra columns included, as real exports have)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if image_ids is None:
         image_ids = np.arange(len(labels))
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+
+    def rows(handle: IO) -> None:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["image_id", "label", "image", "start_datetime", "end_datetime", "location"])
         for image_id, label, pixels in zip(image_ids, labels, images):
             label_text = "" if int(label) == NO_LABEL else int(label)
             writer.writerow([int(image_id), label_text, encode_image(pixels, fmt), "", "", ""])
-    return path
+
+    return atomic_write(Path(path), rows)
 
 
 def write_predictions(path: Path, image_ids: np.ndarray, predicted: np.ndarray, confidence: np.ndarray) -> Path:
-    """The prediction-result schema: ``image_id,label,confidence`` (label = predicted digit)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    """The prediction-result schema: ``image_id,label,confidence`` (label = predicted digit), atomically."""
+
+    def rows(handle: IO) -> None:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["image_id", "label", "confidence"])
-        writer.writerows(zip(image_ids.tolist(), predicted.tolist(), np.round(confidence.astype(np.float64), 6).tolist()))
-    return path
+        writer.writerows(zip(image_ids.tolist(), predicted.tolist(),
+                             np.round(confidence.astype(np.float64), 6).tolist()))
+
+    return atomic_write(Path(path), rows)

@@ -19,15 +19,21 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import scaleoututil.grpc.scaleout_pb2 as scaleout_msg
 from scaleout import ScaleoutModel
 from scaleoututil.helpers.helpers import get_helper
 
-from . import data, model, training
-from .settings import parse_settings
+from . import data, model, paths, privacy, training
+from .settings import capped_batch_size, parse_settings
 
 log = logging.getLogger("mnist_edge")
 HELPER = get_helper("numpyhelper")
 PREDICT_PARAMETERS = ("data", "output")
+
+# The one difference between the client lines this package acts on: how attributes travel.
+# scaleout 1.1 sends each key as an AttributeRecord with the JSON payload {"value": v}, so a value
+# goes as it is; 1.0.7's AttributeMessage carries strings only, so a number goes as its JSON text.
+ATTRIBUTE_RECORDS = hasattr(scaleout_msg, "AttributeRecord")
 
 
 class PredictParameterError(ValueError):
@@ -59,11 +65,26 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
+def attribute_values(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """``attributes`` as ``client.log_attributes`` must get them for a server to read plain values."""
+    plain = json_safe(attributes)
+    if ATTRIBUTE_RECORDS:
+        return plain
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in plain.items()}
+
+
 def params_from(scaleout_model: ScaleoutModel) -> list[np.ndarray]:
-    """The CNN's parameter list from a ScaleoutModel, checked against the architecture."""
-    params = scaleout_model.get_training_model(HELPER)
-    model.check_parameters(params, f"model {scaleout_model.model_id}")
-    return params
+    """The CNN's parameter list from a ScaleoutModel, checked (headers before data, then finiteness).
+
+    Read with :func:`model.read_npz` rather than the stock numpyhelper, which allocates whatever
+    array sizes the file declares before anything can check them.
+    """
+    source = f"model {scaleout_model.model_id}"
+    try:
+        with scaleout_model.get_training_model_stream() as stream:
+            return model.read_npz(stream, source)
+    except (KeyError, zipfile.BadZipFile, OSError) as error:
+        raise model.ModelFileError(f"{source}: holds no readable parameter file ({error})") from None
 
 
 # The client's model container (``scaleoututil.utils.model``, the same on 1.0.7 and 1.1): a zip
@@ -124,14 +145,18 @@ class EdgeTasks:
 
     def train(self, scaleout_model: ScaleoutModel, client_settings: Mapping[str, Any] | None) -> tuple[ScaleoutModel, dict]:
         """One round of local training; raises (task FAILED) on bad settings, model or data."""
-        settings = parse_settings(client_settings)
+        requested = parse_settings(client_settings)
         self._load_model(scaleout_model)
         dataset = data.load_split(self.data_dir, "train")
-        result = training.train(
+        settings = capped_batch_size(requested, len(dataset))
+        # DP-SGD when the node has a budget or the round asks; charged before the first batch.
+        result, dp_metadata = privacy.train_round(
             self.net,
             dataset.images,
             dataset.labels,
             settings,
+            model_id=scaleout_model.model_id,
+            data_fingerprint=dataset.fingerprint,
             on_batch=self.client.check_task_abort,
             on_metrics=self._log_metrics,
             device=self.device,
@@ -151,7 +176,10 @@ class EdgeTasks:
             "rows_skipped": dataset.rows_skipped,
             "duplicate_image_ids": dataset.duplicate_image_ids,
             "data_fingerprint": dataset.fingerprint,
+            **dp_metadata,
         }
+        if settings.batch_size != requested.batch_size:
+            metadata["training_metadata"]["batch_size_requested"] = requested.batch_size
         log.info("trained %d images for %d epoch(s): loss %.4f, accuracy %.4f",
                  result.num_examples, settings.epochs, result.training_loss, result.training_accuracy)
         return to_scaleout_model(model.get_parameters(self.net)), json_safe(metadata)
@@ -167,7 +195,7 @@ class EdgeTasks:
             self._load_model(scaleout_model)
             train_set = data.load_split(self.data_dir, "train")
         except (model.ModelFileError, data.DataError) as error:
-            self.client.log_attributes({"validation_error": str(error)})
+            self.client.log_attributes(attribute_values({"validation_error": str(error)}))
             raise
         check = self.client.check_task_abort
         train_loss, train_acc = training.evaluate(self.net, train_set.images, train_set.labels, self.device, check)
@@ -186,30 +214,45 @@ class EdgeTasks:
             test_set = data.load_split(self.data_dir, "test")
         except data.DataError as error:
             log.error("test split unusable, reporting training metrics as test metrics: %s", error)
-            self.client.log_attributes({"validation_error": str(error)})
+            self.client.log_attributes(attribute_values({"validation_error": str(error)}))
             return json_safe(metrics)
         test_loss, test_acc = training.evaluate(self.net, test_set.images, test_set.labels, self.device, check)
         metrics.update(test_loss=test_loss, test_accuracy=test_acc, num_test_examples=len(test_set))
         return json_safe(metrics)
 
     def _predict_location(self, params: Mapping[str, Any]) -> Path:
-        choice = str(params.get("data", "predict"))
-        if choice in ("predict", "test", "train"):
+        """``data``: a split name, or a shard or directory inside the data directory."""
+        choice = params.get("data", "predict")
+        if choice in data.SPLITS:
             return data.split_location(self.data_dir, choice)
-        return Path(choice)
+        return paths.inside_data_dir(self.data_dir, choice, "data")
+
+    def _predict_output(self, params: Mapping[str, Any], model_id: str) -> Path:
+        """``output`` inside the data directory, or ``predictions/<model id>.csv``; never an input shard."""
+        if params.get("output") is not None:
+            output = paths.inside_data_dir(self.data_dir, params["output"], "output")
+        else:
+            name = paths.file_name(model_id, "model id")
+            output = paths.inside_data_dir(self.data_dir, f"predictions/{name}.csv", "model id")
+        inputs = [data.split_location(self.data_dir, split) for split in data.SPLITS]
+        paths.refuse_inputs(output, inputs, "parameter 'output'")
+        return output
 
     def predict(self, scaleout_model: ScaleoutModel, params: Mapping[str, Any] | None) -> dict:
         """Predict every row of the predict shards into ``image_id,label,confidence`` CSV."""
+        if params is not None and not isinstance(params, Mapping):
+            raise PredictParameterError(f"inference parameters must be a mapping, got {type(params).__name__}")
         params = dict(params or {})
-        unknown = sorted(set(params) - set(PREDICT_PARAMETERS))
+        unknown = sorted(map(str, set(params) - set(PREDICT_PARAMETERS)))
         if unknown:
             raise PredictParameterError(
-                f"unknown inference parameter {unknown[0]!r}; accepted: {', '.join(PREDICT_PARAMETERS)}"
+                f"unknown inference parameter {unknown[0][:40]!r}; accepted: {', '.join(PREDICT_PARAMETERS)}"
             )
+        location = self._predict_location(params)
+        output = self._predict_output(params, scaleout_model.model_id)
         self._load_model(scaleout_model)
-        dataset = data.load_dataset(self._predict_location(params), labels_required=False)
+        dataset = data.load_dataset(location, labels_required=False)
         predicted, confidence = training.predict(self.net, dataset.images, self.device, self.client.check_task_abort)
-        output = Path(params.get("output") or self.data_dir / "predictions" / f"{scaleout_model.model_id}.csv")
         data.write_predictions(output, dataset.image_ids, predicted, confidence)
         summary: dict[str, Any] = {
             "model_id": scaleout_model.model_id,
@@ -222,9 +265,8 @@ class EdgeTasks:
             summary["accuracy"] = float((predicted[labelled] == dataset.labels[labelled]).mean())
             summary["labelled"] = int(labelled.sum())
         summary = json_safe(summary)
-        # scaleout 1.0.7 drops the callback's return value: attributes are what reaches the server.
-        self.client.log_attributes({f"prediction_{k}": json.dumps(v) if not isinstance(v, str) else v
-                                    for k, v in summary.items()})
+        # The client drops the callback's return value: attributes are what reaches the server.
+        self.client.log_attributes(attribute_values({f"prediction_{k}": v for k, v in summary.items()}))
         log.info("predicted %d images into %s", len(predicted), output)
         return summary
 
@@ -233,7 +275,14 @@ def register(client: Any, data_dir: str | Path | None = None) -> EdgeTasks:
     """Register train, validate and predict on an ``EdgeClient``; returns the task object."""
     configure_logging()
     tasks = EdgeTasks(client, data_dir)
-    if not data.has_split(tasks.data_dir, "train"):
+    if paths.remove_partial_files(tasks.data_dir / "predictions"):
+        log.warning("removed unfinished prediction files an earlier crash left in %s", tasks.data_dir / "predictions")
+    try:
+        has_train = data.has_split(tasks.data_dir, "train")
+    except data.DataError as error:  # a data directory that is a file: every task will say so too
+        log.warning("%s", error)
+        has_train = True
+    if not has_train:
         log.warning("%s has no train/ split yet: training tasks will fail until shards are there "
                     "(set SCALEOUT_DATA_DIR)", tasks.data_dir.resolve())
     client.set_train_callback(tasks.train)

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
 from pathlib import Path
+from typing import IO, BinaryIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import npz
+from .paths import atomic_write
+
 PARAMETER_COUNT = 1_199_882
 """Number of trainable scalars in :class:`Net`."""
+MAX_MODEL_BYTES = 16 * PARAMETER_COUNT + (1 << 20)
+"""Most a model file may declare it holds: every parameter as float64 twice over, plus headers."""
 
 
 class ModelFileError(ValueError):
@@ -111,7 +118,11 @@ def get_parameters(net: nn.Module) -> list[np.ndarray]:
 
 
 def check_parameters(params: list[np.ndarray], source: str = "parameters") -> None:
-    """Raise :class:`ModelFileError` with expected-vs-got unless ``params`` fit :class:`Net`."""
+    """Raise :class:`ModelFileError` with expected-vs-got unless ``params`` fit :class:`Net`.
+
+    Besides count and shapes: real numbers only, and finite once in float32 (NaN, infinity and
+    float64 values beyond float32's range would poison training and every model averaged with it).
+    """
     if len(params) != len(_SHAPES):
         raise ModelFileError(
             f"{source}: expected {len(_SHAPES)} parameter arrays for the MNIST CNN, got {len(params)}"
@@ -120,8 +131,27 @@ def check_parameters(params: list[np.ndarray], source: str = "parameters") -> No
         got = tuple(np.shape(array))
         if got != shape:
             raise ModelFileError(f"{source}: array {index} ({name}) expected shape {shape}, got {got}")
-        if not np.issubdtype(np.asarray(array).dtype, np.number):
-            raise ModelFileError(f"{source}: array {index} ({name}) is not numeric ({np.asarray(array).dtype})")
+        dtype = np.asarray(array).dtype
+        if dtype.kind not in _REAL_KINDS:
+            raise ModelFileError(f"{source}: array {index} ({name}) is {dtype}, expected real numbers (float32)")
+        _check_finite(np.asarray(array), f"{source}: array {index} ({name})")
+
+
+_REAL_KINDS = "fiu"  # float, signed and unsigned integers
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_finite(array: np.ndarray, what: str) -> None:
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(array.astype(np.float32, copy=False))
+    if finite.all():
+        return
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise ModelFileError(f"{what} holds {bad} non-finite values (NaN or infinity), expected finite weights")
+    largest = float(np.abs(array.astype(np.float64)).max())
+    raise ModelFileError(f"{what} overflows float32 (largest magnitude {largest:.3g}, float32 holds up to "
+                         f"{_FLOAT32_MAX:.3g})")
 
 
 def set_parameters(net: nn.Module, params: list[np.ndarray], source: str = "parameters") -> None:
@@ -144,36 +174,78 @@ def save_npz(params: list[np.ndarray], path: str | Path) -> Path:
     builds of the same seed produce the same bytes, so a seed can be checked by its hash.
     """
     check_parameters(params, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for index, array in enumerate(params):
-            buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-            entry = zipfile.ZipInfo(f"{index}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            entry.compress_type = zipfile.ZIP_DEFLATED
-            entry.external_attr = 0o644 << 16
-            archive.writestr(entry, buffer.getvalue())
-    return path
+
+    def members(handle: IO) -> None:
+        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for index, array in enumerate(params):
+                buffer = io.BytesIO()
+                np.lib.format.write_array(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+                entry = zipfile.ZipInfo(f"{index}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                entry.external_attr = 0o644 << 16
+                archive.writestr(entry, buffer.getvalue())
+
+    return atomic_write(Path(path), members, mode="wb")
+
+
+def read_npz(stream: BinaryIO, source: str) -> list[np.ndarray]:
+    """The CNN's parameters from a numpyhelper npz (a zip of ``0.npy`` .. ``7.npy``), no pickle.
+
+    Every member's header is checked (name, dtype, exact shape, declared size) before its data
+    is read, so a small file declaring a huge array costs nothing: at most the CNN's size is read.
+    """
+    try:
+        with zipfile.ZipFile(stream) as archive:
+            names = archive.namelist()
+            expected = [f"{i}.npy" for i in range(len(_SHAPES))]
+            if sorted(names) != sorted(expected) and sorted(names) == sorted(f"{i}.npy" for i in range(len(names))):
+                raise ModelFileError(f"{source}: expected {len(_SHAPES)} parameter arrays for the MNIST CNN, "
+                                     f"got {len(names)}")
+            if sorted(names) != sorted(expected):
+                shown = ", ".join(repr(n[:40]) for n in names[:10]) or "nothing"
+                raise ModelFileError(f"{source}: expected arrays named 0..{len(_SHAPES) - 1}, got {shown}")
+            params = [_read_member(archive, i, source) for i in range(len(_SHAPES))]
+    except ModelFileError:
+        raise
+    except npz.ArrayError as error:
+        raise ModelFileError(str(error)) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as error:
+        raise ModelFileError(f"{source}: not a numpy .npz parameter file without pickles ({error})") from None
+    check_parameters(params, source)
+    return [np.array(a, dtype=np.float32) for a in params]  # writable copies (np.frombuffer is read-only)
+
+
+def _read_member(archive: zipfile.ZipFile, index: int, source: str) -> np.ndarray:
+    name = list(_SHAPES)[index]
+    what = f"{source}: array {index} ({name})"
+
+    def check(shape: tuple[int, ...], dtype: np.dtype) -> None:
+        if dtype.kind not in _REAL_KINDS or dtype.itemsize > 8:
+            raise ModelFileError(f"{what} is {dtype}, expected real numbers (float32)")
+        if shape != _SHAPES[name]:
+            raise ModelFileError(f"{what} expected shape {_SHAPES[name]}, got {shape}")
+
+    return npz.read_member(archive, f"{index}.npy", what, check)
 
 
 def load_npz(path: str | Path) -> list[np.ndarray]:
     """Read a seed/global ``.npz`` (no pickle) and check it holds this CNN."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
+    _check_model_path(path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            keys = sorted(archive.files, key=lambda k: int(k) if k.isdigit() else -1)
-            if not all(k.isdigit() for k in keys):
-                raise ModelFileError(f"{path}: expected arrays named 0..{len(_SHAPES) - 1}, got {archive.files}")
-            params = [archive[k] for k in keys]
-    except ModelFileError:
-        raise
-    except (ValueError, OSError, zipfile.BadZipFile) as error:
-        raise ModelFileError(f"{path}: not a numpy .npz parameter file without pickles ({error})") from error
-    check_parameters(params, str(path))
-    return [np.asarray(a, dtype=np.float32) for a in params]
+        with open(path, "rb") as handle:
+            return read_npz(handle, str(path))
+    except OSError as error:
+        raise ModelFileError(f"{path}: cannot read model file ({error.strerror or error})") from None
+
+
+def _check_model_path(path: Path) -> None:
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a directory, expected a model file (.npz or .pth)")
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such model file")
+    if not path.is_file():
+        raise ModelFileError(f"{path}: is not a regular file (a device, FIFO or socket), expected a model file")
 
 
 # -- PyTorch .pth files and telling model files apart -------------------------------------------
@@ -191,13 +263,16 @@ def model_file_kind(path: str | Path) -> str:
     is refused before any loader sees it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
+    _check_model_path(path)
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
+            declared = sum(info.file_size for info in archive.infolist())
     except (zipfile.BadZipFile, OSError) as error:
         raise ModelFileError(f"{path}: not a model file, {_NOT_A_MODEL} ({error})") from None
+    if declared > MAX_MODEL_BYTES:
+        raise ModelFileError(f"{path}: declares {declared:,} bytes of contents, more than the "
+                             f"{MAX_MODEL_BYTES:,} a model of this CNN can need")
     if names and all(name.endswith(".npy") for name in names):
         return "npz"
     if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
@@ -219,21 +294,26 @@ def state_dict_to_parameters(state: object, source: str = "state_dict") -> list[
             + (f"; unexpected {unexpected[:5]}" if unexpected else "")
         )
     for name in _SHAPES:
-        if not isinstance(state[name], torch.Tensor):
-            raise ModelFileError(f"{source}: {name} is a {type(state[name]).__name__}, expected a tensor")
-        got = tuple(state[name].shape)
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise ModelFileError(f"{source}: {name} is a {type(tensor).__name__}, expected a tensor")
+        if tensor.is_meta or tensor.layout != torch.strided or tensor.is_quantized:
+            kind = "meta" if tensor.is_meta else "quantized" if tensor.is_quantized else str(tensor.layout)
+            raise ModelFileError(f"{source}: {name} is a {kind} tensor, expected a dense tensor of real numbers")
+        if tensor.is_complex() or tensor.dtype == torch.bool:
+            raise ModelFileError(f"{source}: {name} is {tensor.dtype}, expected real numbers (float32)")
+        got = tuple(tensor.shape)
         if got != _SHAPES[name]:
             raise ModelFileError(f"{source}: {name} expected shape {_SHAPES[name]}, got {got}")
-    return [state[name].detach().to("cpu", torch.float32).numpy().copy() for name in _SHAPES]
+    params = [state[name].detach().to("cpu", torch.float64).numpy().copy() for name in _SHAPES]
+    check_parameters(params, source)
+    return [p.astype(np.float32) for p in params]
 
 
 def save_pth(params: list[np.ndarray], path: str | Path) -> Path:
     """Write ``params`` as a plain state_dict that ``Net().load_state_dict`` accepts."""
     state = parameters_to_state_dict(params, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    return path
+    return atomic_write(Path(path), lambda handle: torch.save(state, handle), mode="wb")
 
 
 def load_pth(path: str | Path) -> list[np.ndarray]:

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from . import npz
 from .data import IMAGE_SIDE, DataError, write_shard
 from .partition import NUM_CLASSES, PartitionError, label_histogram  # noqa: F401  (re-exported)
 from .partition import partition as split
+from .settings import SEED_LIMIT
 
 SHARD_ROWS = 10_000
 
@@ -34,25 +39,44 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     return features.astype(np.uint8).reshape(-1, IMAGE_SIDE, IMAGE_SIDE), labels.astype(np.int64)
 
 
+MAX_SOURCE_BYTES = 1 << 28
+"""Largest images or labels array a source may declare: 256 MiB (~340,000 images; MNIST is 55 MB)."""
+
+
 def _open(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """One IDX file (images ``idx3`` or labels ``idx1``), optionally gzipped."""
+    """One IDX file (images ``idx3`` or labels ``idx1``), optionally gzipped; sizes checked first.
+
+    The header is read and checked (magic, 1 or 3 dimensions, at most :data:`MAX_SOURCE_BYTES`)
+    before the data, and no more than the header declares is ever read, so a small gzip that
+    would inflate to gigabytes costs nothing.
+    """
     try:
         with _open(path) as handle:
-            blob = handle.read()
-    except OSError as error:
+            head = handle.read(4)
+            if len(head) < 4 or head[:3] != b"\x00\x00\x08":
+                raise SourceError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+            ndim = head[3]
+            if ndim not in (1, 3):
+                raise SourceError(f"{path}: IDX file has {ndim} dimensions, expected 1 (labels) or 3 (images)")
+            raw_dims = handle.read(4 * ndim)
+            if len(raw_dims) != 4 * ndim:
+                raise SourceError(f"{path}: IDX header is truncated")
+            dims = [int.from_bytes(raw_dims[4 * i : 4 * i + 4], "big") for i in range(ndim)]
+            size = math.prod(dims)
+            if size > MAX_SOURCE_BYTES:
+                raise SourceError(f"{path}: header declares {dims} ({size:,} bytes), more than the limit of "
+                                  f"{MAX_SOURCE_BYTES:,} bytes")
+            payload = handle.read(size + 1)
+    except (OSError, EOFError, zlib.error) as error:
         raise SourceError(f"{path}: cannot read IDX file ({error})") from error
-    if len(blob) < 4 or blob[0] != 0 or blob[1] != 0 or blob[2] != 0x08:
-        raise SourceError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
-    ndim = blob[3]
-    dims = [int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    payload = np.frombuffer(blob, dtype=np.uint8, offset=4 + 4 * ndim)
-    if payload.size != int(np.prod(dims)):
-        raise SourceError(f"{path}: header says {dims} but holds {payload.size} bytes")
-    return payload.reshape(dims)
+    if len(payload) != size:
+        held = "more than that" if len(payload) > size else f"{len(payload):,} bytes"
+        raise SourceError(f"{path}: header says {dims} ({size:,} bytes) but the file holds {held}")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(dims)
 
 
 def _idx_pairs(paths: list[Path]) -> list[tuple[Path, Path]]:
@@ -72,29 +96,53 @@ def load_idx(source: Path) -> tuple[np.ndarray, np.ndarray]:
     pairs = _idx_pairs(sorted(source.iterdir()) if source.is_dir() else [source])
     if not pairs:
         raise SourceError(f"{source}: no '*-images-idx3-ubyte[.gz]' files found")
-    images, labels = [], []
-    for image_path, label_path in pairs:
-        x, y = read_idx(image_path), read_idx(label_path)
-        if x.ndim != 3 or x.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE) or y.ndim != 1 or len(x) != len(y):
-            raise SourceError(f"{image_path}: expected N x 28 x 28 images and N labels, got {x.shape} and {y.shape}")
-        images.append(x)
-        labels.append(y.astype(np.int64))
-    return np.concatenate(images), np.concatenate(labels)
+    parts = [check_source(read_idx(images), read_idx(labels), str(images)) for images, labels in pairs]
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
 def load_keras_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Keras ``mnist.npz`` (x_train, y_train, x_test, y_test), loaded without pickle."""
+    """Keras ``mnist.npz`` (x_train, y_train, x_test, y_test), loaded without pickle, sizes checked first."""
+    names = ("x_train", "y_train", "x_test", "y_test")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = {"x_train", "y_train", "x_test", "y_test"} - set(archive.files)
+        with zipfile.ZipFile(path) as archive:
+            missing = [name for name in names if f"{name}.npy" not in archive.namelist()]
             if missing:
-                raise SourceError(f"{path}: not a Keras mnist.npz (missing {', '.join(sorted(missing))})")
-            images = np.concatenate([archive["x_train"], archive["x_test"]])
-            labels = np.concatenate([archive["y_train"], archive["y_test"]])
-    except (ValueError, OSError) as error:
-        raise SourceError(f"{path}: cannot read as .npz ({error})") from error
-    if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
-        raise SourceError(f"{path}: expected 28x28 images, got {images.shape[1:]}")
+                raise SourceError(f"{path}: not a Keras mnist.npz (missing {', '.join(missing)})")
+            arrays = {name: npz.read_member(archive, f"{name}.npy", f"{path}: {name}",
+                                            npz.byte_limit(MAX_SOURCE_BYTES, f"{path}: {name}")) for name in names}
+    except npz.ArrayError as error:
+        raise SourceError(str(error)) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as error:
+        raise SourceError(f"{path}: cannot read as .npz ({error})") from None
+    parts = [check_source(arrays[f"x_{split}"], arrays[f"y_{split}"], f"{path} ({split})") for split in ("train", "test")]
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def check_source(images: np.ndarray, labels: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images as uint8 0-255 and labels as int64 0-9, one per image; SourceError says what is off.
+
+    Float images are taken as 0-1 (scaled by 255) when none exceeds 1, else as 0-255; integer
+    images must already be 0-255. Nothing is wrapped, clipped or truncated silently.
+    """
+    if labels.ndim != 1:
+        hint = " (one-hot labels? expected one integer label 0-9 per image)" if labels.ndim == 2 else ""
+        raise SourceError(f"{source}: labels have shape {labels.shape}, expected (N,){hint}")
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise SourceError(f"{source}: expected N x 28 x 28 images, got shape {images.shape}")
+    if len(images) != len(labels):
+        raise SourceError(f"{source}: {len(images)} images but {len(labels)} labels, expected one label per image")
+    if not len(labels):
+        return images.astype(np.uint8), labels.astype(np.int64)
+    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() > NUM_CLASSES - 1:
+        shown = f"{labels.dtype} values from {labels.min()} to {labels.max()}"
+        raise SourceError(f"{source}: labels must be integers 0-9, got {shown}")
+    if images.dtype.kind == "f":
+        if not np.isfinite(images).all():
+            raise SourceError(f"{source}: images hold NaN or infinite values")
+        images = np.rint(images * 255.0 if images.max() <= 1.0 else images)
+    if images.dtype.kind not in "iuf" or images.min() < 0 or images.max() > 255:
+        raise SourceError(f"{source}: image values must be 0-255 (or 0-1 floats), got {images.dtype} "
+                          f"from {images.min()} to {images.max()}")
     return images.astype(np.uint8), labels.astype(np.int64)
 
 
@@ -105,9 +153,7 @@ def load_source(source: str) -> tuple[np.ndarray, np.ndarray]:
     path = Path(source)
     if not path.exists():
         raise SourceError(f"{source}: no such file or directory (expected mnist5k, IDX files or mnist.npz)")
-    if path.suffix == ".npz":
-        return load_keras_npz(path)
-    return load_idx(path)
+    return load_keras_npz(path) if path.suffix == ".npz" else load_idx(path)
 
 
 def write_client(
@@ -158,6 +204,8 @@ def prepare(
     """
     if not 0.0 <= test_fraction < 1.0:
         raise SourceError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise SourceError(f"--seed must be an integer from 0 to 2**63-1, got {seed}")
     images, labels = load_source(source)
     rng = np.random.default_rng(seed)
     parts = split(labels, clients, partition, rng, alpha=alpha, classes_per_client=classes_per_client)

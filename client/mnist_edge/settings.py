@@ -1,16 +1,31 @@
-"""Round settings (the server's ``client_settings``): defaults, types, ranges, unknown keys.
+"""Round settings (the server's ``client_settings``): defaults, types, ranges, upper bounds, unknown keys.
 
 A typo in a round's settings should fail that round on every node with a message naming the
-key, not silently train with a default.
+key, not silently train with a default. The upper bounds keep what a server can ask of a node
+bounded (time: ``epochs``; memory: ``batch_size``, ~0.5 MB of activations per image; a finite,
+sane step: ``learning_rate``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
 PRECISIONS = ("auto", "fp32", "bf16")
+MAX_EPOCHS = 1000
+MAX_BATCH_SIZE = 1024
+MAX_LEARNING_RATE = 1000.0
+SEED_LIMIT = 2**63
+"""Seeds are 0 <= seed < 2**63 (what torch and numpy generators both take)."""
+_SHOWN_CHARS = 40
+_FLOAT_MAX = sys.float_info.max
+DP_SETTINGS = ("dp_noise_multiplier", "dp_max_grad_norm", "dp_epsilon")
+# A round cannot set the node's own privacy limits: naming them is refused with the variable to use.
+MAX_DP_EPSILON = 100.0  # a round's target epsilon; far past any meaningful guarantee already
+NODE_OWNED = {"dp_delta": "MNIST_EDGE_DP_DELTA", "dp_budget": "MNIST_EDGE_DP_EPSILON"}
 
 
 class SettingsError(ValueError):
@@ -27,18 +42,30 @@ class TrainSettings:
     optimizer: str = "adadelta"
     seed: int | None = None
     precision: str = "auto"
+    # Differential privacy (see privacy.py): None means "not set by the round".
+    dp_noise_multiplier: float | None = None
+    dp_max_grad_norm: float | None = None
+    dp_epsilon: float | None = None
+
+    @property
+    def asks_for_dp(self) -> bool:
+        """True when the round sets any ``dp_*`` setting."""
+        return any(getattr(self, key) is not None for key in DP_SETTINGS)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 _RULES: dict[str, str] = {
-    "epochs": "an integer >= 1",
-    "batch_size": "an integer >= 1",
-    "learning_rate": "a number > 0",
+    "epochs": f"an integer from 1 to {MAX_EPOCHS}",
+    "batch_size": f"an integer from 1 to {MAX_BATCH_SIZE}",
+    "learning_rate": f"a number > 0 and <= {MAX_LEARNING_RATE:g}",
     "optimizer": "one of " + ", ".join(OPTIMIZERS),
-    "seed": "an integer",
+    "seed": "an integer from 0 to 2**63-1",
     "precision": "one of " + ", ".join(PRECISIONS),
+    "dp_noise_multiplier": "a number > 0",
+    "dp_max_grad_norm": "a number > 0",
+    "dp_epsilon": f"a number > 0 and <= {MAX_DP_EPSILON:g}",
 }
 
 
@@ -47,34 +74,54 @@ def _is_int(value: Any) -> bool:
 
 
 def _valid(key: str, value: Any) -> bool:
-    if key in ("epochs", "batch_size"):
-        return _is_int(value) and value >= 1
-    if key == "learning_rate":
-        return (_is_int(value) or isinstance(value, float)) and value > 0 and value != float("inf")
+    if key == "epochs":
+        return _is_int(value) and 1 <= value <= MAX_EPOCHS
+    if key == "batch_size":
+        return _is_int(value) and 1 <= value <= MAX_BATCH_SIZE
+    if key == "learning_rate" or key in DP_SETTINGS:  # compared before float(): 10**400 has no float
+        limit = {"learning_rate": MAX_LEARNING_RATE, "dp_epsilon": MAX_DP_EPSILON}.get(key, _FLOAT_MAX)
+        return (_is_int(value) or isinstance(value, float)) and 0 < value <= limit
     if key == "optimizer":
         return isinstance(value, str) and value.lower() in OPTIMIZERS
     if key == "precision":
         return isinstance(value, str) and value.lower() in PRECISIONS
     if key == "seed":
-        return _is_int(value)
+        return _is_int(value) and 0 <= value < SEED_LIMIT
     raise AssertionError(key)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def parse_settings(raw: Mapping[str, Any] | None) -> TrainSettings:
     """Validate ``raw`` and fill in defaults; raise :class:`SettingsError` naming the key."""
+    if raw is not None and not isinstance(raw, Mapping):
+        raise SettingsError(f"client_settings must be a mapping of setting names to values, got {type(raw).__name__}")
     raw = dict(raw or {})
+    owned = sorted(set(raw) & set(NODE_OWNED))
+    if owned:
+        raise SettingsError(f"setting {owned[0]!r} is the node's own limit ({NODE_OWNED[owned[0]]} on the node); "
+                            "a round cannot set it")
     known = [f.name for f in fields(TrainSettings)]
-    unknown = sorted(set(raw) - set(known))
+    unknown = sorted(_shown(key) for key in raw if key not in known)
     if unknown:
-        raise SettingsError(
-            f"unknown setting {unknown[0]!r}; accepted settings are: {', '.join(known)}"
-        )
+        raise SettingsError(f"unknown setting {unknown[0]}; accepted settings are: {', '.join(known)}")
     for key, value in raw.items():
-        if key == "seed" and value is None:
+        if value is None and (key == "seed" or key in DP_SETTINGS):
             continue
         if not _valid(key, value):
-            raise SettingsError(f"setting {key!r} must be {_RULES[key]}, got {value!r}")
+            raise SettingsError(f"setting {key!r} must be {_RULES[key]}, got {_shown(value)}")
     normalized = {k: (v.lower() if isinstance(v, str) else v) for k, v in raw.items()}
-    if "learning_rate" in normalized:
-        normalized["learning_rate"] = float(normalized["learning_rate"])
+    for key in ("learning_rate", *DP_SETTINGS):
+        if normalized.get(key) is not None:
+            normalized[key] = float(normalized[key])
     return TrainSettings(**normalized)
+
+
+def capped_batch_size(settings: TrainSettings, num_examples: int) -> TrainSettings:
+    """``settings`` with ``batch_size`` at most the number of examples (a bigger batch is the whole set)."""
+    if 0 < num_examples < settings.batch_size:
+        return dataclasses.replace(settings, batch_size=num_examples)
+    return settings

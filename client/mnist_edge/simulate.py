@@ -9,6 +9,7 @@ models weighted by ``num_examples``, and evaluates the global model on the clien
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -20,11 +21,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import data, edge, model, runtime, training
+from . import data, edge, ledger, model, privacy, runtime, training
+from .aggregate import fedavg
 from .progress import track
-from .settings import parse_settings
+from .settings import DP_SETTINGS, SEED_LIMIT, parse_settings
 
-HISTORY_FIELDS = ("round", "clients", "training_loss", "test_loss", "test_accuracy", "seconds")
+HISTORY_FIELDS = ("round", "clients", "training_loss", "test_loss", "test_accuracy", "seconds",
+                  "dp_epsilon_round", "dp_epsilon_spent", "refused")
+NODES_DIR = "nodes"  # OUT/nodes/client-<i>/: each simulated node's working directory (its privacy ledger)
 
 
 class SimulationError(ValueError):
@@ -42,6 +46,9 @@ class Round:
     test_accuracy: float  # on the union of all clients' test splits
     seconds: float
     client_test_accuracy: dict[str, float] = field(default_factory=dict)
+    dp_epsilon_round: float | None = None  # DP rounds: the largest over the round's clients
+    dp_epsilon_spent: float | None = None  # DP rounds: the largest total ε any client has spent
+    refused: list[int] = field(default_factory=list)  # clients whose privacy budget refused the round
 
 
 def find_clients(data_dir: Path) -> list[Path]:
@@ -55,15 +62,6 @@ def find_clients(data_dir: Path) -> list[Path]:
         if not data.has_split(path, "test"):
             raise SimulationError(f"{path}: no test split (prepare with --test-fraction > 0)")
     return dirs
-
-
-def fedavg(results: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
-    """Average parameter lists weighted by each client's number of training examples."""
-    total = sum(n for _params, n in results)
-    return [
-        (sum(params[k].astype(np.float64) * n for params, n in results) / total).astype(np.float32)
-        for k in range(len(results[0][0]))
-    ]
 
 
 def round_seed(seed: int, round_index: int, client: int) -> int:
@@ -103,23 +101,32 @@ def simulate(
     init: str | Path | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    dp_settings: dict[str, float] | None = None,
+    dp_budget: float | None = None,
+    dp_delta: float | None = None,
 ) -> list[Round]:
     """Run ``rounds`` FedAvg rounds over the clients in ``data_dir``; write the results to ``out``.
 
     The initial model is ``init`` (a seed/global ``.npz``) or the CNN initialised with ``seed``
-    (seed 0 is exactly the ``seed.npz`` that ``build.py`` writes).
+    (seed 0 is exactly the ``seed.npz`` that ``build.py`` writes). ``dp_settings`` are the rounds'
+    ``dp_*`` settings; ``dp_budget``/``dp_delta`` are every node's ``MNIST_EDGE_DP_EPSILON``/``_DELTA``.
+    A client whose budget refuses a round sits it out; when all do, the simulation stops.
     """
     if rounds < 1:
         raise SimulationError(f"--rounds must be >= 1, got {rounds}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise SimulationError(f"--seed must be an integer from 0 to 2**63-1, got {seed}")
     client_dirs = find_clients(Path(data_dir))
     per_round = len(client_dirs) if clients_per_round is None else clients_per_round
     if not 1 <= per_round <= len(client_dirs):
         raise SimulationError(
             f"--clients-per-round must be between 1 and {len(client_dirs)}, got {per_round}")
-    settings = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate}
+    settings = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, **(dp_settings or {})}
     parse_settings(settings)  # a bad value fails now, not in round 1
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for old_ledger in (out / NODES_DIR).glob(f"client-*/{ledger.LEDGER_NAME}"):
+        old_ledger.unlink()  # a new simulation is a new federation: its nodes start with nothing spent
     clients = [runtime.local_client(p, workdir=out) for p in client_dirs]
     params = model.load_npz(init) if init else model.get_parameters(model.new_model(seed))
     evaluate = Evaluator(client_dirs)
@@ -134,52 +141,78 @@ def simulate(
     level = log.level
     log.setLevel(logging.WARNING)  # the table replaces the per-task info lines; warnings still show
     try:
-        for r in range(1, rounds + 1):
-            start = time.perf_counter()
-            chosen = sorted(picker.choice(len(clients), per_round, replace=False).tolist())
-            params, training_loss = train_round([(i, clients[i]) for i in chosen], params, settings, seed, r,
-                                                f"round {r}/{rounds}", progress)
-            test_loss, test_accuracy, per_client = evaluate(params)
-            history.append(Round(r, chosen, training_loss, test_loss, test_accuracy,
-                                 time.perf_counter() - start, per_client))
-            echo(_row(history[-1]))
+        with privacy.node_environment(dp_budget, dp_delta):
+            for r in range(1, rounds + 1):
+                start = time.perf_counter()
+                chosen = sorted(picker.choice(len(clients), per_round, replace=False).tolist())
+                nodes = [(i, clients[i], out / NODES_DIR / client_dirs[i].name) for i in chosen]
+                outcome = train_round(nodes, params, settings, seed, r, f"round {r}/{rounds}", progress)
+                if outcome is None:
+                    echo(f"round {r}: every chosen client's privacy budget refused it; stopping")
+                    break
+                params, training_loss, metas = outcome
+                test_loss, test_accuracy, per_client = evaluate(params)
+                private = [m for m in metas.values() if "dp_epsilon_spent" in m]
+                history.append(Round(r, sorted(metas), training_loss, test_loss, test_accuracy,
+                                     time.perf_counter() - start, per_client,
+                                     max((m["dp_epsilon_round"] for m in private), default=None),
+                                     max((m["dp_epsilon_spent"] for m in private), default=None),
+                                     sorted(set(chosen) - set(metas))))
+                echo(_row(history[-1]))
     finally:
         log.setLevel(level)
     config = {"data": str(data_dir), "clients": len(clients), "clients_per_round": per_round,
-              "rounds": rounds, **settings, "seed": seed, "init": None if init is None else str(init)}
+              "rounds": rounds, **settings, "seed": seed, "init": None if init is None else str(init),
+              "dp_budget": dp_budget, "dp_delta": dp_delta}
     write_outputs(out, history, params, config)
     return history
 
 
 def train_round(
-    chosen: list[tuple[int, Any]],
+    chosen: list[tuple[int, Any, Path]],
     params: list[np.ndarray],
     settings: dict[str, Any],
     seed: int,
     round_index: int,
     label: str,
     progress: bool,
-) -> tuple[list[np.ndarray], float]:
+) -> tuple[list[np.ndarray], float, dict[int, dict]] | None:
     """Each chosen client trains the global model through its train callback; FedAvg the results.
 
-    Returns the new global parameters and the clients' training loss weighted by ``num_examples``
-    (NaN if a client's loss was not finite).
+    A client trains in its own working directory (where its privacy ledger is); one whose budget
+    refuses the round sits it out. Returns the new global parameters, the clients' training loss
+    weighted by ``num_examples`` (NaN if a client's loss was not finite) and each client's train
+    metadata; None when every client refused.
     """
     global_model = edge.to_scaleout_model(params)
-    results, loss_sum = [], 0.0
-    for i, client in track(chosen, len(chosen), label, "clients", progress):
+    results, loss_sum, metas = [], 0.0, {}
+    for i, client, workdir in track(chosen, len(chosen), label, "clients", progress):
         client_settings = {**settings, "seed": round_seed(seed, round_index, i)}
-        local, meta = runtime.run_task(client, "train", global_model, client_settings,
-                                    model_id=global_model.model_id, round_id=str(round_index))
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            with contextlib.chdir(workdir):
+                local, meta = runtime.run_task(client, "train", global_model, client_settings,
+                                               model_id=global_model.model_id, round_id=str(round_index))
+        except privacy.BudgetExceeded:
+            continue
+        except training.TrainingDiverged as error:
+            raise SimulationError(f"round {round_index}, client-{i}: {error}; "
+                                  "the simulation stopped and wrote no model") from None
         n = int(meta["training_metadata"]["num_examples"])
         results.append((edge.params_from(local), n))
         loss_sum += n * (float("nan") if meta["training_loss"] is None else meta["training_loss"])
-    return fedavg(results), loss_sum / sum(n for _params, n in results)
+        metas[i] = meta
+    if not results:
+        return None
+    return fedavg(results), loss_sum / sum(n for _params, n in results), metas
 
 
 def _row(entry: Round) -> str:
     loss = "-" if entry.training_loss is None else f"{entry.training_loss:.4f}"
-    return f"{entry.round:>5}  {loss:>13}  {entry.test_accuracy:>13.4f}  {entry.seconds:>7.1f}"
+    line = f"{entry.round:>5}  {loss:>13}  {entry.test_accuracy:>13.4f}  {entry.seconds:>7.1f}"
+    if entry.dp_epsilon_spent is not None:
+        line += f"  epsilon spent {entry.dp_epsilon_spent:.3f} (+{entry.dp_epsilon_round:.3f} this round)"
+    return line + (f"  refused: {' '.join(map(str, entry.refused))}" if entry.refused else "")
 
 
 def write_outputs(out: Path, history: list[Round], params: list[np.ndarray], config: dict[str, Any]) -> None:
@@ -190,7 +223,8 @@ def write_outputs(out: Path, history: list[Round], params: list[np.ndarray], con
         writer.writerow([*HISTORY_FIELDS, *(f"test_accuracy_{n}" for n in names)])
         for h in history:
             writer.writerow([h.round, " ".join(map(str, h.clients)), _num(h.training_loss), _num(h.test_loss),
-                             _num(h.test_accuracy), f"{h.seconds:.2f}",
+                             _num(h.test_accuracy), f"{h.seconds:.2f}", _num(h.dp_epsilon_round),
+                             _num(h.dp_epsilon_spent), " ".join(map(str, h.refused)),
                              *(_num(h.client_test_accuracy[n]) for n in names)])
     record = edge.json_safe({"config": config, "rounds": [asdict(h) for h in history]})
     (out / "history.json").write_text(json.dumps(record, indent=2))
@@ -208,8 +242,10 @@ def plot_curves(history: list[Round], path: Path) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    acc, loss = fig.subplots(1, 2)
+    private = [h for h in history if h.dp_epsilon_spent is not None]
+    fig = Figure(figsize=(15 if private else 10, 4), layout="constrained")
+    panels = fig.subplots(1, 3 if private else 2)
+    acc, loss = panels[:2]
     rounds = [h.round for h in history]
     names = list(history[0].client_test_accuracy)
     for name in names:
@@ -224,7 +260,15 @@ def plot_curves(history: list[Round], path: Path) -> Path:
     loss.plot(rounds, [h.test_loss for h in history], "-o", ms=3, label="test_loss (global)")
     loss.set(xlabel="round", ylabel="loss (NLL)", title="Loss", yscale="log")
     loss.legend(fontsize="small")
-    for axes in (acc, loss):
+    if private:
+        spent = panels[2]
+        spent.bar([h.round for h in private], [h.dp_epsilon_round for h in private], alpha=0.4,
+                  label="epsilon of the round")
+        spent.plot([h.round for h in private], [h.dp_epsilon_spent for h in private], "k-o", ms=3,
+                   label="epsilon spent (composed)")
+        spent.set(xlabel="round", ylabel="epsilon (largest over the clients)", title="Privacy spent")
+        spent.legend(fontsize="small")
+    for axes in panels:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.savefig(path, dpi=100)
     return path
@@ -246,13 +290,20 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--init", type=Path, default=None, help="start from this seed/global .npz")
     p.add_argument("--out", type=Path, required=True, help="run directory for history, curves and models")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    privacy.add_dp_arguments(p)
+    p.add_argument("--dp-budget", type=float, metavar="EPS",
+                   help=f"every client's node budget ({privacy.ENV_EPSILON}): with it every round runs DP-SGD")
+    p.add_argument("--dp-delta", type=float, metavar="DELTA",
+                   help=f"every client's {privacy.ENV_DELTA} (default {privacy.DEFAULT_DELTA:g})")
     p.set_defaults(func=cmd_simulate)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     history = simulate(args.data, args.rounds, args.out, epochs=args.epochs, batch_size=args.batch_size,
                        learning_rate=args.learning_rate, clients_per_round=args.clients_per_round,
-                       seed=args.seed, init=args.init, progress=not args.no_progress)
+                       seed=args.seed, init=args.init, progress=not args.no_progress,
+                       dp_settings={k: v for k in DP_SETTINGS if (v := getattr(args, k)) is not None},
+                       dp_budget=args.dp_budget, dp_delta=args.dp_delta)
     final = history[-1]
     print(f"final global test_accuracy {final.test_accuracy:.4f} after {final.round} rounds")
     print(f"curves: {args.out / 'curves.png'}  history: {args.out / 'history.csv'}  "

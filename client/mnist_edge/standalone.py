@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from . import data, model, training
+from . import data, model, paths, privacy, training
 from .model import ModelFileError
 from .progress import progress
-from .settings import TrainSettings, parse_settings
+from .settings import TrainSettings, capped_batch_size, parse_settings
 
 MODEL_KIND = "mnist"
 META_SUFFIX = ".xdata-meta.json"
@@ -44,6 +44,43 @@ def meta_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + META_SUFFIX)
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """A meta file as a dict; one that is not a JSON object fails naming the file."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ModelFileError(f"{path}: not a readable JSON meta file ({error})") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``value`` as JSON for an error message, cut to ``limit`` characters (metas are untrusted)."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def meta_count(meta: dict[str, Any], key: str, source: Path, default: int | None = None) -> int:
+    """``meta[key]`` as an integer >= 1 (``default`` when absent, if given), or an error naming both."""
+    if key not in meta and default is not None:
+        return default
+    value = meta.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        found = "no such key" if key not in meta else f"got {shown(value)}"
+        raise ModelFileError(f"{source}: '{key}' must be an integer >= 1 ({found})")
+    return value
+
+
+def lineage_round(init: str | None) -> int:
+    """The ``round`` of a model trained from ``init``: one more than the init's (a meta without
+    ``round`` counts as 1), and 1 from fresh weights or a file with no meta (a seed)."""
+    source = meta_path(Path(init)) if init else None
+    if source is None or not source.is_file():
+        return 1
+    return meta_count(read_meta(source), "round", source, default=1) + 1
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -56,23 +93,29 @@ def _save(params: list[np.ndarray], path: Path) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the CNN on one dataset and write the model and its metadata."""
     flags = {f.name: getattr(args, f.name) for f in fields(TrainSettings)}
-    settings = parse_settings({key: value for key, value in flags.items() if value is not None})
+    requested = parse_settings({key: value for key, value in flags.items() if value is not None})
     out = output_path(args.model, DEFAULT_MODEL_NAME)
-    net = model.new_model(settings.seed if settings.seed is not None else 0)
+    net = model.new_model(requested.seed if requested.seed is not None else 0)
     if args.init:
         model.set_parameters(net, model.load_model_file(args.init), args.init)
     dataset = data.load_dataset(args.dataset, labels_required=True)
+    settings = capped_batch_size(requested, len(dataset))
     batches = settings.epochs * math.ceil(len(dataset) / settings.batch_size)
-    with progress(batches, "train", "batches") as bar:
-        result = training.train(net, dataset.images, dataset.labels, settings, on_batch=bar.update,
-                                on_metrics=bar.set_postfix)
+    with progress(batches, "train", "batches") as bar:  # DP-SGD when the node has a budget or a --dp-* flag is given
+        result, dp_metadata = privacy.train_round(
+            net, dataset.images, dataset.labels, settings, model_id=args.init or "standalone",
+            data_fingerprint=dataset.fingerprint, ledger_path=args.ledger, on_batch=bar.update,
+            on_metrics=bar.set_postfix)
     _save(model.get_parameters(net), out)
     meta: dict[str, Any] = {
         "model_kind": MODEL_KIND,
+        "model_state": "trained",
+        "round": lineage_round(args.init),
         "model_file": out.name,
         "num_examples": result.num_examples,
         "epochs": settings.epochs,
         "batch_size": settings.batch_size,
+        **({"batch_size_requested": requested.batch_size} if settings != requested else {}),
         "learning_rate": settings.learning_rate,
         "optimizer": settings.optimizer,
         "seed": settings.seed,
@@ -84,8 +127,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         "training_loss": _finite(result.training_loss),
         "training_accuracy": _finite(result.training_accuracy),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **dp_metadata,
     }
-    meta_path(out).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    paths.atomic_write(meta_path(out), lambda handle: handle.write(json.dumps(meta, indent=2) + "\n"))
     print(f"trained {result.num_examples} images for {settings.epochs} epoch(s): "
           f"training_loss {result.training_loss:.4f}, training_accuracy {result.training_accuracy:.4f}"
           + (f" ({dataset.rows_skipped} rows skipped)" if dataset.rows_skipped else ""))
@@ -98,9 +142,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     net = model.Net()
     model.set_parameters(net, model.load_model_file(args.model), args.model)
     dataset = data.load_dataset(args.dataset, labels_required=False)
+    result = output_path(args.result, DEFAULT_RESULT_NAME)
+    paths.refuse_inputs(result, dataset.files, "RESULT")
     with progress(math.ceil(len(dataset) / training.EVAL_BATCH), "predict", "batches") as bar:
         predicted, confidence = training.predict(net, dataset.images, on_batch=bar.update)
-    result = output_path(args.result, DEFAULT_RESULT_NAME)
     data.write_predictions(result, dataset.image_ids, predicted, confidence)
     print(f"predicted {len(predicted)} images into {result}"
           + (f" ({dataset.rows_skipped} rows skipped)" if dataset.rows_skipped else ""))
@@ -154,6 +199,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                    help="fixes initial weights, shuffling and dropout (default: the seed model's weights)")
     p.add_argument("--precision", metavar="P", help=f"auto, fp32 or bf16 (default {defaults.precision})")
     p.add_argument("--init", metavar="MODEL", help="start from this .pth or .npz instead of fresh weights")
+    privacy.add_dp_arguments(p)
+    p.add_argument("--ledger", metavar="PATH", type=Path, default=None,
+                   help="privacy ledger charged by DP training (default ./privacy-ledger.jsonl)")
     p.add_argument("dataset", metavar="DATASET", help="a CSV shard or a directory of shards")
     p.set_defaults(func=cmd_train)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ LOG_EVERY_BATCHES = 50
 EVAL_BATCH = 1000
 
 Metrics = dict[str, float]
+
+
+class TrainingDiverged(ArithmeticError):
+    """The loss or the weights stopped being finite: nothing of this run may leave the node."""
 
 
 @dataclass(frozen=True)
@@ -176,9 +181,30 @@ def train(
     net.to(device, memory_format=memory_format).train()
     try:
         with BatchGradient(net, batch_parts(device), bf16, device, settings.seed) as gradient:
-            return _train_epochs(net, images, labels, settings, on_batch, on_metrics, device, gradient, memory_format)
+            result = _train_epochs(net, images, labels, settings, on_batch, on_metrics, device, gradient,
+                                   memory_format)
     finally:
         net.to(memory_format=torch.contiguous_format)
+    check_finite_weights(net, result.batches)
+    return result
+
+
+_DIVERGED_ADVICE = "lower learning_rate or choose another optimizer"
+
+
+def check_finite_loss(loss_sum: float, seen: int, batches: int) -> None:
+    """Raise :class:`TrainingDiverged` unless a window's loss sum is finite (called where it is synced)."""
+    if not math.isfinite(loss_sum):
+        raise TrainingDiverged(f"training diverged (loss {loss_sum / max(seen, 1)} at batch {batches}); "
+                               + _DIVERGED_ADVICE)
+
+
+def check_finite_weights(net: nn.Module, batches: int) -> None:
+    """Raise :class:`TrainingDiverged` if any weight is NaN or infinite (one reduction, one sync)."""
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all()
+    if not bool(finite):
+        raise TrainingDiverged(f"training diverged (weights not finite after batch {batches}); " + _DIVERGED_ADVICE)
 
 
 def _train_epochs(
@@ -224,6 +250,7 @@ def _train_epochs(
             window_seen += len(y)
             if batches % LOG_EVERY_BATCHES == 0 or start + settings.batch_size >= n:
                 total_loss, total_correct = window_loss.item(), int(window_correct.item())
+                check_finite_loss(total_loss, window_seen, batches)  # where the window syncs anyway
                 loss_sum, correct, seen = loss_sum + total_loss, correct + total_correct, seen + window_seen
                 if on_metrics is not None and batches % LOG_EVERY_BATCHES == 0:
                     on_metrics({"training_loss": total_loss / window_seen,

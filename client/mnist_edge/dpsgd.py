@@ -1,0 +1,183 @@
+"""DP-SGD for one round with Opacus's own pieces, and nothing written by hand.
+
+Poisson sampling of each batch with rate q (``DPDataLoader``), per-sample clipping to C and Gaussian
+noise σ·C (ghost clipping: ``GradSampleModuleFastGradientClipping`` with
+``DPOptimizerFastGradientClipping`` and ``DPLossFastGradientClipping``, the fastest mode on this CNN,
+see ``bench/privacy.py``). DP rounds compute in float32: bf16 autocast runs, but per-sample norms in
+bf16 (8 significant bits) would make the clip to C, and so the privacy guarantee, approximate.
+Sampling and noise come from the operating system's entropy, never from the round's ``seed``: a
+server that knew them could replay the batches and subtract the noise.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import get_optimizer_class
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from torch import nn
+
+from . import training
+from .settings import TrainSettings
+
+GRAD_SAMPLE_MODE = "ghost"
+PRECISION = "fp32"
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one DP round will do, fixed before training so it can be charged first."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    delta: float
+    expected_batch_size: int
+
+
+class _Images(torch.utils.data.Dataset):
+    """The node's images as a dataset whose batch is one tensor gather (``__getitems__``), not n calls."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[index], self.labels[index]
+
+
+def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from the OS's entropy: what nobody outside the node can know or choose."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return generator
+
+
+@dataclass
+class PrivateTraining:
+    """The CNN wrapped for DP-SGD: clipping and noise live in Opacus's module, optimizer and loss."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DP-SGD step (fp32); returns the output and the batch's mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        output = self.module(x)
+        loss = self.criterion(output, y)
+        loss.backward()
+        self.optimizer.step()
+        return output, loss.detach()
+
+    def close(self) -> nn.Module:
+        """Hooks and per-sample state removed: the plain CNN again."""
+        return self.module.to_standard_module()
+
+
+def make_private(net: nn.Module, settings: TrainSettings, plan: RoundPlan, device: torch.device,
+                 mode: str = GRAD_SAMPLE_MODE, use_ghost_clipping: bool = True) -> PrivateTraining:
+    """Wrap ``net`` (on ``device``) with Opacus for ``plan``; ``mode`` is a ``grad_sample_mode``."""
+    ghost = mode == "ghost"
+    extra = {"max_grad_norm": plan.max_grad_norm, "use_ghost_clipping": use_ghost_clipping} if ghost else {}
+    module = prepare_module(net, mode, batch_first=True, loss_reduction="mean", **extra)
+    module.forbid_grad_accumulation()  # Poisson sampling: one backward per step
+    optimizer_class = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
+    inner = training.make_optimizer(settings.optimizer, net.parameters(), settings.learning_rate)
+    optimizer = optimizer_class(inner,
+                                noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                                expected_batch_size=plan.expected_batch_size, loss_reduction="mean",
+                                generator=secret_generator(device))
+    nll = nn.NLLLoss()
+    criterion = DPLossFastGradientClipping(module, optimizer, nll, "mean") if ghost else nll
+    return PrivateTraining(module, optimizer, criterion)
+
+
+def train_private(
+    net: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    settings: TrainSettings,
+    plan: RoundPlan,
+    on_batch: Callable[[], None] | None = None,
+    on_metrics: Callable[[training.Metrics], None] | None = None,
+    device: torch.device | None = None,
+) -> training.TrainResult:
+    """DP-SGD for ``plan.steps`` Poisson-sampled batches; the hooks as in :func:`training.train`.
+
+    ``on_batch`` runs before every batch (abort checks), ``on_metrics`` every
+    ``training.LOG_EVERY_BATCHES`` batches and at every epoch's end. ``settings.seed`` fixes
+    dropout only. An empty batch (Poisson sampling allows it) still takes its noisy step.
+    """
+    device = device or training.select_device()
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)  # dropout masks; sampling and noise stay secret
+    x_all = torch.from_numpy(np.ascontiguousarray(images))
+    y_all = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+    loader = DPDataLoader(_Images(x_all, y_all), sample_rate=plan.sample_rate, collate_fn=_as_batch,
+                          generator=secret_generator())
+    if len(loader) * settings.epochs != plan.steps:
+        raise AssertionError(f"planned {plan.steps} steps, the sampler draws {len(loader)} per epoch")
+    net.to(device).train()
+    private = make_private(net, settings, plan, device)
+    try:
+        with warnings.catch_warnings():  # the first conv's input needs no gradient: torch says so every step
+            warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+            loss, accuracy, batches = _epochs(private, loader, settings.epochs, device, on_batch, on_metrics)
+    finally:
+        private.close()
+    training.check_finite_weights(net, batches)
+    return training.TrainResult(len(y_all), settings.epochs, loss, accuracy, batches, PRECISION)
+
+
+def _epochs(
+    private: PrivateTraining,
+    loader: DPDataLoader,
+    epochs: int,
+    device: torch.device,
+    on_batch: Callable[[], None] | None,
+    on_metrics: Callable[[training.Metrics], None] | None,
+) -> tuple[float, float, int]:
+    """The loop of :func:`train_private`: (loss, accuracy) of the last epoch and the batches run."""
+    batches, loss_sum, correct, seen = 0, 0.0, 0, 0
+    for _epoch in range(epochs):
+        loss_sum, correct, seen = 0.0, 0, 0
+        window = [0.0, 0, 0]  # loss sum, correct, seen since the last report
+        for x_u8, y in loader:
+            if on_batch is not None:
+                on_batch()
+            y = y.to(device)
+            output, loss = private.step(training.to_input(x_u8, device), y)
+            batches += 1
+            if len(y):
+                window[0] += float(loss) * len(y)
+                window[1] += int((output.argmax(1) == y).sum())
+                window[2] += len(y)
+            if batches % training.LOG_EVERY_BATCHES == 0 or batches % len(loader) == 0:
+                training.check_finite_loss(window[0], window[2], batches)
+                loss_sum, correct, seen = loss_sum + window[0], correct + window[1], seen + window[2]
+                if on_metrics is not None and batches % training.LOG_EVERY_BATCHES == 0 and window[2]:
+                    on_metrics({"training_loss": window[0] / window[2],
+                                "training_accuracy": window[1] / window[2]})
+                window = [0.0, 0, 0]
+        if on_metrics is not None and seen:
+            on_metrics({"training_loss": loss_sum / seen, "training_accuracy": correct / seen})
+    return loss_sum / max(seen, 1), correct / max(seen, 1), batches

@@ -1,0 +1,151 @@
+"""``python -m mnist_edge aggregate``: FedAvg of a model_set, and what it refuses before averaging."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mnist_edge import aggregate, model, standalone
+from mnist_edge.cli import main
+
+SHAPES = list(model.expected_shapes().values())
+
+
+def write_model(directory: Path, value: float, num_examples: object = 100, **meta: object) -> Path:
+    """A model directory as ``train`` leaves it: every weight ``value``, and its meta."""
+    params = [np.full(shape, value, np.float32) for shape in SHAPES]
+    path = model.save_pth(params, directory / "mnist.pth")
+    content = {"model_kind": "mnist", "model_state": "trained", "round": 1, "model_file": "mnist.pth",
+               "num_examples": num_examples, "data_fingerprint": f"sha-{value}", **meta}
+    standalone.meta_path(path).write_text(json.dumps({k: v for k, v in content.items() if v is not ...}))
+    return directory
+
+
+@pytest.fixture
+def model_set(tmp_path) -> Path:
+    root = tmp_path / "models"
+    write_model(root / "0b6e", 1.0, 300)
+    write_model(root / "7f21", 5.0, 100, round=2)
+    return root
+
+
+def test_fedavg_weights_each_model_by_its_num_examples(model_set, tmp_path, capsys):
+    assert main(["aggregate", str(model_set), str(tmp_path / "out.pth")]) == 0
+    params = model.load_pth(tmp_path / "out.pth")
+    assert all(np.allclose(p, 2.0) for p in params)  # (1 * 300 + 5 * 100) / 400, not the plain mean 3
+    meta = json.loads((tmp_path / "out.xdata-meta.json").read_text())
+    assert meta["num_examples"] == 400 and meta["round"] == 2 and meta["model_state"] == "aggregated"
+    assert [(p["model"], p["num_examples"], p["data_fingerprint"]) for p in meta["parents"]] == [
+        ("0b6e", 300, "sha-1.0"), ("7f21", 100, "sha-5.0")]
+    assert "aggregated 2 models (400 examples, round 2)" in capsys.readouterr().out
+
+
+def test_an_aggregated_model_is_a_member_like_any_other(model_set, tmp_path):
+    """Hierarchical FedAvg: the output's num_examples is the sum, so it weighs as its parents did."""
+    (tmp_path / "upper" / "agg").mkdir(parents=True)
+    aggregate.aggregate(model_set, tmp_path / "upper" / "agg")  # a directory: mnist.pth inside
+    write_model(tmp_path / "upper" / "other", 6.0, 400)
+    aggregate.aggregate(tmp_path / "upper", tmp_path / "top.pth")
+    assert all(np.allclose(p, 4.0) for p in model.load_pth(tmp_path / "top.pth"))  # (2 * 400 + 6 * 400) / 800
+
+
+def test_fedavg_holds_one_model_at_a_time():
+    """A generator of results is consumed lazily: the running sum never needs the whole set."""
+    consumed = []
+
+    def results():
+        for value, n in ((0.0, 1), (3.0, 2)):
+            consumed.append(value)
+            yield [np.full(3, value, np.float32)], n
+
+    average = aggregate.fedavg(results())
+    assert consumed == [0.0, 3.0] and np.allclose(average[0], 2.0) and average[0].dtype == np.float32
+
+
+def _meta_file(root: Path, name: str) -> Path:
+    return root / name / "mnist.xdata-meta.json"
+
+
+def _edit_meta(root: Path, name: str, **changes: object) -> Path:
+    path = _meta_file(root, name)
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps({k: v for k, v in meta.items() if v is not ...}))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_kind": "cifar10"}, "'model_kind' must be \"mnist\", got \"cifar10\""),
+    ({"model_kind": ...}, "'model_kind' must be \"mnist\", got null"),
+    ({"num_examples": ...}, "'num_examples' must be an integer >= 1 (no such key)"),
+    ({"num_examples": 0}, "'num_examples' must be an integer >= 1 (got 0)"),
+    ({"num_examples": True}, "'num_examples' must be an integer >= 1 (got true)"),
+    ({"num_examples": "300"}, "'num_examples' must be an integer >= 1 (got \"300\")"),
+    ({"round": -1}, "'round' must be an integer >= 1 (got -1)"),
+    ({"model_file": "../7f21/mnist.pth"}, "'model_file' must be a file name inside"),
+])
+def test_a_bad_meta_is_refused_naming_the_file_and_key(model_set, tmp_path, capsys, change, message):
+    meta_file = _edit_meta(model_set, "7f21", **change)
+    assert main(["aggregate", str(model_set), str(tmp_path / "out.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {meta_file}: ") and message in err, err
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_a_member_of_the_wrong_shape_is_refused(model_set, tmp_path, capsys):
+    state = model.parameters_to_state_dict(model.load_pth(model_set / "7f21" / "mnist.pth"))
+    state["fc2.weight"] = torch.zeros(10, 64)
+    torch.save(state, model_set / "7f21" / "mnist.pth")
+    assert main(["aggregate", str(model_set), str(tmp_path / "out.pth")]) == 2
+    err = capsys.readouterr().err
+    assert f"{model_set / '7f21' / 'mnist.pth'}: fc2.weight expected shape (10, 128), got (10, 64)" in err
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_a_member_with_non_finite_weights_is_refused(model_set, tmp_path, capsys):
+    path = model_set / "7f21" / "mnist.pth"
+    state = model.parameters_to_state_dict(model.load_pth(path))
+    state["fc1.bias"][3] = float("inf")
+    torch.save(state, path)
+    assert main(["aggregate", str(model_set), str(tmp_path / "out.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and ("NaN" in err or "finite" in err), err
+    assert not (tmp_path / "out.pth").exists()
+
+
+@pytest.mark.parametrize("arrange, message", [
+    (lambda root: (root / "0b6e" / "mnist.xdata-meta.json").unlink(), "expected one *.xdata-meta.json"),
+    (lambda root: (root / "0b6e" / "mnist.pth").unlink(), "mnist.pth: no such model file"),
+    (lambda root: (root / "notes.txt").write_text("x"), "only model directories, found files ['notes.txt']"),
+    (lambda root: None, "that is one model, not a model_set"),  # the member itself given as the set
+])
+def test_a_malformed_model_set_is_refused(model_set, tmp_path, capsys, arrange, message):
+    arrange(model_set)
+    target = model_set / "0b6e" if "one model" in message else model_set
+    assert main(["aggregate", str(target), str(tmp_path / "out.pth")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_empty_or_missing_model_set_is_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["aggregate", str(tmp_path / "empty"), str(tmp_path / "out.pth")]) == 2
+    assert "empty model_set" in capsys.readouterr().err
+    assert main(["aggregate", str(tmp_path / "absent"), str(tmp_path / "out.pth")]) == 2
+    assert "no such model_set directory" in capsys.readouterr().err
+
+
+def test_training_from_an_aggregated_model_is_the_next_round(model_set, tmp_path, mnist5k):
+    """``round`` follows the lineage: train from fresh = 1, from a round-r model = r + 1."""
+    images, labels = mnist5k
+    from mnist_edge import data
+
+    shard = data.write_shard(tmp_path / "shard.csv", images[:64], labels[:64])
+    aggregate.aggregate(model_set, tmp_path / "global.pth")  # round 2 (its highest parent)
+    for init, expected in ((None, 1), (tmp_path / "global.pth", 3)):
+        out = tmp_path / f"from-{expected}.pth"
+        args = ["train", "--model", str(out), *(["--init", str(init)] if init else []), str(shard)]
+        assert main(args) == 0
+        assert json.loads(standalone.meta_path(out).read_text())["round"] == expected

@@ -1,0 +1,216 @@
+"""The shard edges a table export can hit: quoting, ambiguous images, odd digits, odd entries, change.
+
+Each case is a real file; each verdict is the same whatever path the row takes through the
+reader (the differential property test checks that over many mutated shards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hostile import HEADER, b64_raw, rows, write_lines
+
+from mnist_edge import data
+from mnist_edge.data import DataError
+
+
+def test_an_unclosed_quote_is_one_bad_row_not_a_silent_merge(tmp_path, mnist5k):
+    images, labels = mnist5k
+    lines = rows(images[:100], labels[:100])
+    lines[3] = lines[3] + '"lab 7'  # location opens a quote and never closes it
+    shard = data.read_shard(write_lines(tmp_path / "s.csv", [HEADER, *lines]))
+    assert len(shard.labels) == 99 and shard.rows_skipped == 1
+    bad = shard.bad_rows[0]
+    assert (bad.line, bad.column) == (5, "location") and "a quote opened in this field is not closed" in bad.reason
+    assert str(bad).startswith(f"{tmp_path / 's.csv'}:5: location: malformed CSV quoting")
+
+
+def test_quoted_fields_with_commas_and_doubled_quotes_are_fine(tmp_path, mnist5k):
+    images, labels = mnist5k
+    lines = [f'"{i}","{labels[i]}","{b64_raw(images[i])}","a, ""b""",,' for i in range(5)]
+    shard = data.read_shard(write_lines(tmp_path / "s.csv", [HEADER, *lines]))
+    assert shard.rows_skipped == 0
+    np.testing.assert_array_equal(shard.images, images[:5])
+
+
+def test_a_raw_image_that_starts_like_a_png_gets_one_verdict(tmp_path, mnist5k):
+    """784 raw bytes beginning with the PNG signature are a (broken) PNG wherever the row is."""
+    images, labels = mnist5k
+    fake = images[0].copy().reshape(-1)
+    fake[:8] = np.frombuffer(b"\x89PNG\r\n\x1a\n", dtype=np.uint8)
+    among_raw = rows(images[:50], labels[:50])
+    among_raw[20] = f"20,{labels[20]},{b64_raw(fake)},,,"
+    alone = [among_raw[20]]
+    results = [data.read_shard(write_lines(tmp_path / f"{name}.csv", [HEADER, *lines]), fast=fast)
+               for name, lines in (("among", among_raw), ("alone", alone)) for fast in (True, False)]
+    assert [s.rows_skipped for s in results] == [1, 1, 1, 1]
+    assert {s.bad_rows[0].reason for s in results} == {"image is not a decodable PNG (no IHDR header)"}
+
+
+@pytest.mark.parametrize("field,value", [("image_id", "\u0661\u0662"), ("label", "\u0663"), ("label", "\uff17"),
+                                         ("image_id", "1_000"), ("label", "²")])
+def test_only_ascii_digits_are_numbers(tmp_path, mnist5k, field, value):
+    images, labels = mnist5k
+    row = f"{value},3," if field == "image_id" else f"1,{value},"
+    shard = data.read_shard(write_lines(tmp_path / "s.csv", [HEADER, row + b64_raw(images[0]) + ",,,"]))
+    assert shard.rows_skipped == 1 and shard.bad_rows[0].reason.startswith(field)
+
+
+def test_a_required_column_twice_is_refused(tmp_path, mnist5k):
+    images, labels = mnist5k
+    path = write_lines(tmp_path / "s.csv", ["image_id,label,image,label", f"1,3,{b64_raw(images[0])},5"])
+    with pytest.raises(DataError, match=r"s.csv:1: column 'label' appears 2 times \(columns 2, 4\), expected once"):
+        data.read_shard(path)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\nimage_id,label,image\n", ":1: blank line, expected a header row with image_id, label, image"),
+    (b"image_id,label,image\n1,2,caf\xe9\n", ":2: not UTF-8 text (byte 0xe9 at column 8 of the line)"),
+    (b"image_id,label,image\n" + b"1,2,x\n" * 3000 + b"1,2,\xff\n", ":3002: not UTF-8 text (byte 0xff at column 5"),
+])
+def test_unusable_files_say_where(tmp_path, content, message):
+    path = tmp_path / "s.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as error:
+        data.read_shard(path)
+    assert f"{path}{message}" in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop", "fifo", "directory"])
+def test_a_csv_entry_that_is_not_a_file_fails_naming_it(tmp_path, mnist5k, kind):
+    images, labels = mnist5k
+    data.write_shard(tmp_path / "train" / "good.csv", images[:5], labels[:5])
+    entry = tmp_path / "train" / "odd.csv"
+    if kind == "dangling":
+        entry.symlink_to(tmp_path / "gone.csv")
+    elif kind == "loop":
+        entry.symlink_to(entry)
+    elif kind == "fifo":
+        os.mkfifo(entry)
+    else:
+        entry.mkdir()
+    expected = {"dangling": "is a dangling symbolic link", "loop": "is a symbolic link loop",
+                "fifo": "is a FIFO, device or socket", "directory": "is a directory"}[kind]
+    with pytest.raises(DataError, match=f"{entry}: {expected}"):
+        data.load_split(tmp_path, "train")
+
+
+def test_a_data_dir_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "data").write_text("not a directory")
+    with pytest.raises(DataError, match=f"{tmp_path / 'data'}: is a file, expected the node's data directory"):
+        data.load_split(tmp_path / "data", "train")
+
+
+def test_a_rewrite_with_the_same_size_and_mtime_is_seen(tmp_path, mnist5k):
+    """``cp -p`` of a same-sized shard: new labels, same size, same mtime; the cache must notice."""
+    images, labels = mnist5k
+    path = data.write_shard(tmp_path / "train" / "s.csv", images[:50], np.full(50, 3))
+    first = data.load_split(tmp_path, "train")
+    other = data.write_shard(tmp_path / "other.csv", images[:50], np.full(50, 4))
+    os.utime(other, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))
+    subprocess.run(["cp", "-p", str(other), str(path)], check=True)
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (other.stat().st_size, other.stat().st_mtime_ns)
+    second = data.load_split(tmp_path, "train")
+    assert set(first.labels) == {3} and set(second.labels) == {4}
+    assert second.fingerprint == fingerprint_of([path])
+
+
+def test_an_old_rewrite_is_seen_by_its_change_time(tmp_path, mnist5k, monkeypatch):
+    """Outside the racy window only the stat is compared: ctime still changes where mtime was kept."""
+    monkeypatch.setattr(data, "RACY_NS", 0)
+    images, labels = mnist5k
+    path = data.write_shard(tmp_path / "train" / "s.csv", images[:50], np.full(50, 3))
+    data.load_split(tmp_path, "train")
+    stamp = path.stat()
+    time.sleep(0.05)  # past the filesystem's timestamp granularity
+    data.write_shard(tmp_path / "new.csv", images[:50], np.full(50, 5))
+    shutil.copyfile(tmp_path / "new.csv", path)  # same inode, same size
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert set(data.load_split(tmp_path, "train").labels) == {5}
+
+
+def test_a_same_tick_rewrite_is_caught_by_content(tmp_path, mnist5k, monkeypatch):
+    """Where timestamps cannot tell (a coarse clock: same tick, same size), the recent file is re-hashed."""
+    monkeypatch.setattr(data, "_stamp", lambda status: (status.st_ino, status.st_size))  # what such a filesystem shows
+    images, labels = mnist5k
+    path = data.write_shard(tmp_path / "train" / "s.csv", images[:50], np.full(50, 3))
+    assert set(data.load_split(tmp_path, "train").labels) == {3}
+    with open(path, "r+b") as handle:  # in place: same inode, same size
+        handle.write(data.write_shard(tmp_path / "new.csv", images[:50], np.full(50, 6)).read_bytes())
+    again = data.load_split(tmp_path, "train")
+    assert set(again.labels) == {6} and again.fingerprint == fingerprint_of([path])
+
+
+def test_the_fingerprint_is_of_the_bytes_trained_on(tmp_path, mnist5k):
+    images, labels = mnist5k
+    files = [data.write_shard(tmp_path / "train" / f"{k}.csv", images[k * 10 : k * 10 + 10], labels[:10])
+             for k in range(3)]
+    quoted = files[0].read_text().replace(",,,\n", ',"x",,\n')  # through the general reader too
+    files[0].write_text(quoted)
+    assert data.load_split(tmp_path, "train").fingerprint == fingerprint_of(files)
+
+
+def fingerprint_of(files: list[Path]) -> str:
+    return hashlib.sha256("".join(hashlib.sha256(f.read_bytes()).hexdigest() for f in files).encode()).hexdigest()
+
+
+# -- unreadable directories (as root, only without CAP_DAC_OVERRIDE) -----------------------------------
+
+SETPRIV = shutil.which("setpriv")
+
+
+def run_unprivileged(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` so that file permissions apply: root drops the capabilities that bypass them."""
+    prefix = []
+    if os.geteuid() == 0:
+        if SETPRIV is None:
+            pytest.skip("root without setpriv: permissions cannot be made to apply")
+        caps = "-dac_override,-dac_read_search"
+        prefix = [SETPRIV, f"--bounding-set={caps}", f"--inh-caps={caps}"]
+    return subprocess.run([*prefix, sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=180)
+
+
+def test_an_unreadable_test_split_still_gets_training_metrics(node_dir, seed_path, tmp_path):
+    (node_dir / "test").chmod(0)
+    try:
+        result = run_unprivileged(f"""
+            import json
+            from scaleout import ScaleoutModel
+            from mnist_edge import edge, model, runtime
+            recorder = runtime.LocalRuntime()
+            client = runtime.local_client({str(node_dir)!r}, recorder, workdir={str(tmp_path)!r})
+            seed = ScaleoutModel.from_training_model(model.load_npz({str(seed_path)!r}), edge.HELPER)
+            print(json.dumps(runtime.run_task(client, "validate", seed)))
+            print(recorder.attributes[-1]["validation_error"])
+        """)
+    finally:
+        (node_dir / "test").chmod(0o755)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics, error = result.stdout.strip().splitlines()[-2:]
+    assert '"num_test_examples": 0' in metrics and '"num_train_examples": 1000' in metrics
+    assert error == f"{node_dir / 'test'}: cannot list directory (Permission denied)"
+
+
+def test_an_unreadable_train_split_fails_naming_it(node_dir, tmp_path):
+    (node_dir / "train").chmod(0)
+    try:
+        result = run_unprivileged(f"""
+            from mnist_edge import data
+            try:
+                data.load_split({str(node_dir)!r}, "train")
+            except data.DataError as error:
+                print(error)
+        """)
+    finally:
+        (node_dir / "train").chmod(0o755)
+    assert result.stdout.strip() == f"{node_dir / 'train'}: cannot list directory (Permission denied)", result.stderr

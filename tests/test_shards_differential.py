@@ -1,0 +1,156 @@
+"""One reader, one verdict: the fast path and the general reader agree row for row.
+
+Hypothesis mutates shards of real MNIST rows (bad ids and labels, broken and PNG-looking
+images, quotes, blank, short and overlong lines, CRLF, a BOM, non-UTF-8 bytes) and reads each
+with the fast path on and off, and with small read blocks (so lines straddle blocks): the rows,
+the bad-row list (line, column, reason), the counts and the fingerprint must be identical.
+"""
+
+from __future__ import annotations
+
+import base64
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hostile import HEADER, b64_raw, png_bytes
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from mnist_edge import shards
+from mnist_edge.shards import DataError, reader
+
+ROWS = 24
+SMALL_LINE_LIMIT = 3000  # instead of 64 KiB, so overlong lines stay cheap to make
+
+IDS = ["", "x", "+5", "-3", " 7 ", "\u0663", "1" * 19, "9" * 18, "007", "1_0", "5.0"]
+LABELS = ["", "10", "-1", "a", "\u0663", " 3", "07", "3.0", "+4", "9", "0"]
+QUOTED = ['"x', '"a,b"', '"a""b"', 'x"y', '"ok" ', '""']
+CHARS = ["!", "=", '"', ",", "\u00e9", "\r", "\x00", "A", "/", "+", " "]
+
+
+@pytest.fixture(scope="module")
+def base_rows(mnist5k) -> list[list[str]]:
+    images, labels = mnist5k
+    pick = np.random.default_rng(11).permutation(len(labels))[:ROWS]
+    out = []
+    for k, i in enumerate(pick):
+        image = b64_raw(images[i]) if k % 6 else base64.b64encode(png_bytes(images[i])).decode()
+        out.append([str(1000 + k), str(labels[i]), image, "2024-01-01", "", "lab"])
+    return out
+
+
+def png_like_raw(image: str) -> str:
+    blob = bytearray(base64.b64decode(image))
+    if len(blob) == 784:
+        blob[:8] = b"\x89PNG\r\n\x1a\n"
+    return base64.b64encode(bytes(blob)).decode()
+
+
+def mutate(row: list[str], kind: str, value) -> str:
+    """One mutated line (without its newline)."""
+    row = list(row)
+    if kind == "id":
+        row[0] = value
+    elif kind == "label":
+        row[1] = value
+    elif kind == "char":
+        at, char = value
+        at %= len(row[2])
+        row[2] = row[2][:at] + char + row[2][at + 1 :]
+    elif kind == "truncate":
+        row[2] = row[2][: value % len(row[2])]
+    elif kind == "png-like":
+        row[2] = png_like_raw(row[2])
+    elif kind == "quote":
+        row[5] = value
+    elif kind == "quote-all":
+        return ",".join(f'"{field}"' for field in row)
+    elif kind == "blank":
+        return " " * value
+    elif kind == "short":
+        return ",".join(row[:value])
+    elif kind == "long":
+        row[5] = "y" * (SMALL_LINE_LIMIT + value)
+    elif kind == "spaces":
+        row[2] = f" {row[2]} "
+    return ",".join(row)
+
+
+def kind(name: str, values=st.none()):
+    return st.tuples(st.just(name), values)
+
+
+MUTATION = st.one_of(
+    kind("id", st.sampled_from(IDS)), kind("label", st.sampled_from(LABELS)),
+    kind("char", st.tuples(st.integers(0, 1100), st.sampled_from(CHARS))), kind("truncate", st.integers(0, 1100)),
+    kind("png-like"), kind("quote", st.sampled_from(QUOTED)), kind("quote-all"), kind("blank", st.integers(0, 2)),
+    kind("short", st.integers(0, 2)), kind("long", st.integers(0, 5000)), kind("spaces"),
+)
+MUTATIONS = st.lists(st.tuples(st.integers(0, ROWS - 1), MUTATION).map(lambda m: (m[0], *m[1])),
+                     min_size=1, max_size=12)
+KNOWN = [  # always run: one of each kind of row that once got two verdicts, or nearly did
+    [(1, "quote", '"x'), (2, "quote", '"ok" '), (3, "png-like", None), (4, "id", ""), (5, "label", "07")],
+    [(1, "long", 4000), (7, "blank", 0), (8, "short", 2), (9, "char", (1047, "="))],
+    [(1, "id", "\u0663"), (2, "label", "\u0663"), (3, "spaces", None), (4, "truncate", 1044)],
+]
+
+
+def shard_bytes(base: list[list[str]], mutations, crlf: bool, bom: bool, latin1: bool, final_newline: bool) -> bytes:
+    lines = [",".join(row) for row in base]
+    for index, name, value in mutations:
+        lines[index] = mutate(base[index], name, value)
+    newline = "\r\n" if crlf else "\n"
+    text = newline.join([HEADER, *lines]) + (newline if final_newline else "")
+    blob = text.encode("utf-8")
+    if latin1:
+        blob = blob.replace(b"lab", b"l\xe9b", 1)
+    return (b"\xef\xbb\xbf" if bom else b"") + blob
+
+
+def outcome(path: Path, fast: bool, labels_required: bool):
+    """Everything a read decides, comparable with ==; or the error it raised."""
+    try:
+        shard = shards.read_shard(path, labels_required, fast=fast)
+    except DataError as error:
+        return ("error", str(error))
+    return (shard.image_ids.tolist(), shard.labels.tolist(), shard.images.tobytes(), shard.rows_skipped,
+            shard.bad_rows, shard.sha256)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@example(mutations=KNOWN[0], crlf=False, bom=False, latin1=False, final_newline=True, labels_required=True,
+         block=reader.BLOCK_BYTES)
+@example(mutations=KNOWN[1], crlf=True, bom=True, latin1=False, final_newline=False, labels_required=False, block=997)
+@example(mutations=KNOWN[2], crlf=False, bom=False, latin1=False, final_newline=True, labels_required=True,
+         block=4096)
+@given(mutations=MUTATIONS, crlf=st.booleans(), bom=st.booleans(), latin1=st.booleans(),
+       final_newline=st.booleans(), labels_required=st.booleans(),
+       block=st.sampled_from([997, 4096, reader.BLOCK_BYTES]))
+def test_fast_and_general_readers_give_the_same_verdict(base_rows, mutations, crlf, bom, latin1, final_newline,
+                                                        labels_required, block):
+    content = shard_bytes(base_rows, mutations, crlf, bom, latin1, final_newline)
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as patch:
+        path = Path(folder) / "s.csv"
+        path.write_bytes(content)
+        patch.setattr(reader, "MAX_LINE_BYTES", SMALL_LINE_LIMIT)
+        reference = outcome(path, fast=False, labels_required=labels_required)
+        patch.setattr(reader, "BLOCK_BYTES", block)
+        assert outcome(path, fast=True, labels_required=labels_required) == reference
+        assert outcome(path, fast=False, labels_required=labels_required) == reference
+    if reference[0] != "error":
+        kept = len(reference[1])
+        blank = sum(1 for _, name, _value in mutations if name == "blank")
+        assert kept + reference[3] <= ROWS and kept + reference[3] >= ROWS - blank - 8
+
+
+def test_the_property_sees_a_disagreement(base_rows, tmp_path):
+    """If the fast path accepted what the general reader rejects, the comparison would fail."""
+    content = shard_bytes(base_rows, [(3, "label", "10")], False, False, False, True)
+    path = tmp_path / "s.csv"
+    path.write_bytes(content)
+    general = outcome(path, fast=False, labels_required=True)
+    assert general[3] == 1 and general[4][0].reason == "label 10 is out of range 0-9"
+    assert outcome(path, fast=True, labels_required=True) == general
