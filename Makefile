@@ -60,13 +60,20 @@ test: venv
 test-client-1.1:
 	$(MAKE) test LINE=1.1
 
-# Performance benchmarks (minutes; not part of `make test`): reports land in bench/results/.
-# BENCH_ARGS is passed to each, e.g. `make bench BENCH_ARGS=--threads=1` on a shared machine.
+# Performance benchmarks (minutes; not part of `make test`): reports land in bench/results/<CPU class>/
+# (the folder `bench/perf_common.py` names for this CPU, e.g. x86_64-avx512_bf16), the round overhead
+# per client line (LINE=1.1 for the 1.1 line), the privacy benchmark in bench/results/. BENCH_ARGS is
+# passed to each but ingest, BENCH_TAG ends the per-class file names, e.g.
+# `make bench BENCH_ARGS=--threads=1 BENCH_TAG=-1thread`.
 BENCH_ARGS ?=
+BENCH_TAG ?=
 bench: venv
-	$(PY) bench/train_throughput.py $(BENCH_ARGS) --out bench/results/train_throughput.txt
-	$(PY) bench/ingest.py --out bench/results/ingest.txt
-	$(PY) bench/round_overhead.py $(BENCH_ARGS) --out bench/results/round_overhead.txt
+	@dir=$$($(PY) bench/perf_common.py) && line=$$($(PY) -c 'import importlib.metadata as m; print(m.version("scaleout"))') && \
+	set -x && \
+	$(PY) bench/train_throughput.py $(BENCH_ARGS) --out $$dir/train_throughput$(BENCH_TAG).txt && \
+	$(PY) bench/train_ideas.py $(BENCH_ARGS) --out $$dir/train_ideas$(BENCH_TAG).txt && \
+	$(PY) bench/ingest.py --out $$dir/ingest.txt && \
+	$(PY) bench/round_overhead.py $(BENCH_ARGS) --out $$dir/round_overhead-scaleout$$line$(BENCH_TAG).txt && \
 	$(PY) bench/privacy.py $(BENCH_ARGS) --out bench/results/privacy.txt
 
 # Mutation testing of the core modules against their fast unit tests (README "Development"; not part

@@ -84,7 +84,7 @@ def main() -> None:
     if args.rss_child:
         rss_child(args.rss_child[0], Path(args.rss_child[1]))
         return
-    from perf_common import Report, images, machine, median  # torch: not in the RSS child
+    from perf_common import Report, cpu_tag, images, load, machine, median  # torch: not in the RSS child
 
     report = Report()
     report(machine())
@@ -113,7 +113,7 @@ def main() -> None:
     for name, label in (("naive", "naive reader (raw)"), ("ours", "our reader (raw)"), ("png", "our reader (PNG)")):
         report(f"{label:20} median {median(wall[name]):9.0f} images/s wall  {median(cpu[name]):9.0f} images/s CPU")
     report(f"median ratio ours/naive: {median(ratios):.2f} wall (pairs: {', '.join(f'{r:.2f}' for r in ratios)}), "
-           f"{median(cpu_ratios):.2f} CPU time (target >= 3)")
+           f"{median(cpu_ratios):.2f} CPU time (target >= 3); {cpu_tag()}; {load()}")
     report(f"peak RSS above the interpreter+imports baseline: ours {rss['ours']:.1f} MB, naive {rss['naive']:.1f} MB "
            f"(target for ours <= {1.5 * args.rows * 784 / 1e6:.1f} MB = 1.5 x the pixels)")
     report.save(args.out)

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from opacus.accountants.utils import get_noise_multiplier
 
-from mnist_edge import data, dpsgd, model, privacy, training
+from mnist_edge import data, dpsgd, model, parallel, privacy, training
 from mnist_edge.prepare import prepare
 from mnist_edge.settings import parse_settings
 from mnist_edge.simulate import simulate
@@ -40,22 +39,19 @@ DP_MODES = {"hooks": ("hooks", True), "functorch": ("functorch", True), "ew": ("
 
 
 class PlainStep:
-    """The non-DP step of ``training.train``: bf16 autocast and channels_last where ``precision`` says."""
+    """The non-DP step of ``training.train`` (``training.train_step``), precision as ``precision`` says."""
 
     def __init__(self, precision: str, device: torch.device) -> None:
         self.bf16 = training.use_bf16(precision, device)
-        self.memory_format = training.memory_format_for(self.bf16, device)
+        self.memory_format = training.memory_format_for(device)
         self.device = device
         self.net = model.new_model(0).to(device, memory_format=self.memory_format).train()
         self.optimizer = training.make_optimizer("adadelta", self.net.parameters(), 1.0)
+        self.gradient = parallel.BatchGradient(self.net, parallel.batch_parts(device), self.bf16, device, seed=0)
 
     def __call__(self, x_u8: torch.Tensor, y: torch.Tensor) -> None:
         x = training.to_input(x_u8, self.device, self.memory_format)
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            output = self.net(x)
-        F.nll_loss(output.float(), y).backward()
-        self.optimizer.step()
+        training.train_step(self.gradient, self.optimizer, x, y)
 
 
 class PrivateStep:

@@ -4,10 +4,19 @@ One real train callback (``EdgeClient`` -> ``EdgeTasks.train``), 1 epoch on 6,00
 subset, repeated), timed in parts by wrapping the functions the callback calls: parameter decode
 (``ScaleoutModel`` -> numpy -> the CNN), data (``data.load_split``: cold = first read of the
 shard, cached = a later round), training steps (``training.train``), update serialization (the
-CNN -> numpy -> ``ScaleoutModel``: an npz deflated at level 1 by ``edge.UpdateHelper``, inside
-scaleout's deflated zip); "other" is the rest (settings, metadata, logging). After one warm-up callback (the
-first training in a process builds oneDNN's kernels) the cache is cleared: the next callback
-reads the shard cold, the ``--reps`` after it find it cached; the report gives their medians.
+CNN -> numpy -> ``ScaleoutModel``: ``edge.to_scaleout_model``, a level-1 npz stored as it is in
+the client's container); "other" is the rest (settings, metadata, logging). After one warm-up
+callback (the first training in a process builds oneDNN's kernels) the cache is cleared: the
+next callback reads the shard cold, the ``--reps`` after it find it cached; the report gives
+their medians.
+
+Then the update builders alone, alternating ``--reps`` x 3 times on the CNN's 4.8 MB of weights:
+the client's ``ScaleoutModel.from_training_model`` with its stock numpyhelper (``np.savez_compressed``,
+then the builder deflates that member again), the same with a level-1 npz (this package's update
+before it built the container itself), and ``edge.to_scaleout_model``. For each: the build, what
+the client does with the update after the callback (``to_builder().set_model_id(..).build()``,
+the client's code, outside the callback), the combiner's decode (stock numpyhelper) and the bytes
+uploaded. Run it with each client line's interpreter (``scaleout`` 1.0.7 and 1.1).
 
     .venv/bin/python bench/round_overhead.py [--images 6000 --reps 3]
 """
@@ -16,14 +25,19 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
+from scaleout import ScaleoutModel
+from scaleoututil.helpers.plugins.numpyhelper import Helper as NumpyHelper
 
 from mnist_edge import data, edge, model, runtime, training
-from perf_common import Report, images, machine, median
+from perf_common import Report, cpu_tag, images, load, machine, median
 
 PARTS = ("decode: ScaleoutModel -> numpy", "decode: numpy -> CNN", "data", "training steps",
          "serialize: CNN -> numpy", "serialize: numpy -> ScaleoutModel")
@@ -58,22 +72,55 @@ def callback_parts(client, timer: PartTimer, incoming, settings: dict) -> dict[s
     return {**timer.seconds, "other": total - sum(timer.seconds.values()), "total": total}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=6000)
-    parser.add_argument("--reps", type=int, default=3, help="callbacks with the cache warm (default 3)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", type=Path, help="also write the report to this file")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+class Level1Helper(NumpyHelper):
+    """The stock numpyhelper writing this package's level-1 npz: the update as it was built before."""
+
+    def save(self, weights, path=None, file_type="npz"):
+        path.write(edge.update_npz(weights))
+        return path
+
+
+BUILDERS: dict[str, Callable[[list[np.ndarray]], ScaleoutModel]] = {
+    "from_training_model, stock numpyhelper": lambda p: ScaleoutModel.from_training_model(p, edge.HELPER),
+    "from_training_model, level-1 npz (before)": lambda p: ScaleoutModel.from_training_model(p, Level1Helper()),
+    "edge.to_scaleout_model (compressed once)": edge.to_scaleout_model,
+}
+
+
+def timed(function: Callable, *args) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = function(*args)
+    return time.perf_counter() - start, result
+
+
+def compare_builders(params: list[np.ndarray], reps: int, report: Report) -> None:
+    """The update builders alternating: build, the client's re-id after the callback, decode, size."""
+    seconds: dict[str, dict[str, list[float]]] = {name: {"build": [], "re-id": [], "decode": []} for name in BUILDERS}
+    sizes = {}
+    for _rep in range(reps):
+        for name, build in BUILDERS.items():
+            build_s, built = timed(build, params)
+            reid_s, uploaded = timed(lambda: built.to_builder().set_model_id("update").build())
+            decode_s, decoded = timed(uploaded.get_training_model, edge.HELPER)
+            assert all(np.array_equal(a, b) for a, b in zip(decoded, params)), name
+            for key, value in (("build", build_s), ("re-id", reid_s), ("decode", decode_s)):
+                seconds[name][key].append(value)
+            with uploaded.get_file_stream() as stream:
+                sizes[name] = os.fstat(stream.fileno()).st_size
+    report(f"update builders, {reps} alternations, medians: {'build':>8} {'client re-id':>13} "
+           f"{'combiner decode':>16} {'uploaded':>12}")
+    for name, parts in seconds.items():
+        report(f"  {name:42} {1e3 * median(parts['build']):6.1f} ms {1e3 * median(parts['re-id']):10.1f} ms "
+               f"{1e3 * median(parts['decode']):13.1f} ms {sizes[name]:>12,} B")
+
+
+def callback_report(args: argparse.Namespace, report: Report) -> None:
+    """The train callback's parts: one warm-up, one cold-cache run, ``--reps`` cached runs."""
     timer = PartTimer()
     for owner, attribute, part in ((edge, "params_from", PARTS[0]), (model, "set_parameters", PARTS[1]),
                                    (data, "load_split", PARTS[2]), (training, "train", PARTS[3]),
                                    (model, "get_parameters", PARTS[4]), (edge, "to_scaleout_model", PARTS[5])):
         timer.wrap(owner, attribute, part)
-    report = Report()
-    report(machine())
     report(f"{args.images} images, 1 epoch, batch 64, precision {args.precision}, threads {args.threads}")
     settings = {"epochs": 1, "seed": 0, "precision": args.precision}
     incoming = edge.to_scaleout_model(model.get_parameters(model.new_model(0)))
@@ -93,7 +140,25 @@ def main() -> None:
                f"{1e3 * warm[key]:12.1f} ms {100 * warm[key] / warm['total']:4.1f}%")
     overhead = 1 - warm["training steps"] / warm["total"]
     report(f"everything except the training steps, cached: {100 * overhead:.2f} % of the callback (target <= 3 %); "
-           f"cold: {100 * (1 - cold['training steps'] / cold['total']):.2f} %")
+           f"cold: {100 * (1 - cold['training steps'] / cold['total']):.2f} %; {cpu_tag()}; {load()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=6000)
+    parser.add_argument("--reps", type=int, default=3, help="callbacks with the cache warm (default 3)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--builders-only", action="store_true", help="only the update builders (no callback)")
+    parser.add_argument("--out", type=Path, help="also write the report to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    report = Report()
+    report(machine())
+    if not args.builders_only:
+        callback_report(args, report)
+    compare_builders(model.get_parameters(model.new_model(0)), 3 * args.reps, report)
+    report(f"(builders: {cpu_tag()}; {load()})")
     report.save(args.out)
 
 

@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from mnist_edge import training
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
+THROUGHPUT_RUN = ["--train", "128", "--test", "64", "--reps", "1", "--threads", "2"]
 SMOKE_RUNS = {
-    "train_throughput.py": ["--train", "128", "--test", "64", "--reps", "1", "--threads", "1"],
+    "train_ideas.py": ["--rounds", "2", "--steps", "1", "--threads", "2"],
     "ingest.py": ["--rows", "200", "--png-rows", "50", "--reps", "1"],
     "round_overhead.py": ["--images", "128", "--reps", "1", "--threads", "1"],
     "privacy.py": ["--batch", "8", "--steps", "1", "--reps", "1", "--threads", "1", "--modes", "hooks", "ghost",
@@ -20,9 +24,9 @@ SMOKE_RUNS = {
                    "--budgets", "8"],
 }
 EXPECTED = {
-    "train_throughput.py": "median ratio B/A",
+    "train_ideas.py": "fp32 without batch parts",
     "ingest.py": "peak RSS above the interpreter+imports baseline",
-    "round_overhead.py": "everything except the training steps",
+    "round_overhead.py": "edge.to_scaleout_model (compressed once)",
     "privacy.py": "DP step (ghost) / plain step (auto)",
 }
 
@@ -33,4 +37,19 @@ def test_benchmark_runs_at_a_tiny_size(script: str, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(BENCH / script), *SMOKE_RUNS[script], "--out", str(out)],
                             cwd=BENCH.parent, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert EXPECTED[script] in out.read_text()
+    report = out.read_text()
+    assert EXPECTED[script] in report
+
+
+def test_train_throughput_compares_fp32_and_native_bf16_naming_the_cpu_in_every_result(tmp_path):
+    out = tmp_path / "report.txt"
+    result = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), *THROUGHPUT_RUN,
+                             "--out", str(out)], cwd=BENCH.parent, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = out.read_text().splitlines()
+    tag = lines[0].removeprefix("cpu: ").split("; results class")[0]  # model [flags]
+    assert "[" in tag and lines[1].startswith("torch.cpu capabilities: ")
+    results = [line for line in lines if " / A: median ratio " in line]
+    native = training.bf16_supported(torch.device("cpu"))
+    assert [line.split(" / A")[0] for line in results] == ["B fp32"] + (["B bf16"] if native else [])
+    assert all(tag in line and "load " in line for line in results)

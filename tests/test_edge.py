@@ -284,3 +284,26 @@ def test_predict_rejects_unknown_parameters(started, seed_path):
     client, _ = started
     with pytest.raises(edge.PredictParameterError, match="unknown inference parameter 'split'"):
         call(client, client.inference_callback, seed_model(seed_path), {"split": "test"})
+
+
+def test_the_update_is_compressed_once_and_reads_back_everywhere():
+    """Our container stores the level-1 npz as it is (no second deflate); stock readers get the same weights."""
+    import io
+    import zipfile
+
+    params = model.get_parameters(model.new_model(0))
+    update = edge.to_scaleout_model(params)
+    stock = ScaleoutModel.from_training_model(params, edge.HELPER)  # what the client's own API builds
+    assert set(update.metadata) == set(stock.metadata) == {"model_id", "helper_type"}
+    assert update.metadata["helper_type"] == "numpyhelper" and update.model_id != stock.model_id
+    with zipfile.ZipFile(update.get_file_stream()) as container:
+        entry = container.getinfo(edge.CONTAINER_TRAINING_MODEL)
+        assert entry.compress_type == zipfile.ZIP_STORED
+        inner = container.read(entry)
+    with zipfile.ZipFile(io.BytesIO(inner)) as npz:
+        assert [i.filename for i in npz.infolist()] == [f"{i}.npy" for i in range(8)]
+        assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in npz.infolist())
+    assert entry.file_size < 0.95 * 4 * model.PARAMETER_COUNT  # deflated inside: about the stock size
+    for built in (update, update.to_builder().set_model_id("u-1").build()):  # as the client re-ids it
+        assert all(np.array_equal(a, b) for a, b in zip(built.get_training_model(edge.HELPER), params))
+    assert all(np.array_equal(a, b) for a, b in zip(edge.params_from(update), params))

@@ -7,6 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mnist_edge import model, npz
 from mnist_edge.model import ModelFileError
@@ -91,3 +92,56 @@ def test_an_array_is_refused_past_a_byte_limit_before_it_is_read(tmp_path):
             npz.read_member(archive, "x.npy", "x", npz.byte_limit(399, "a.npz: x"))
     assert str(error.value) == ("a.npz: x declares shape (10, 10) of float32 (400 bytes), more than the "
                                 "limit of 399 bytes")
+
+
+def example_forward(net: model.Net, x: torch.Tensor) -> torch.Tensor:
+    """pytorch/examples' forward pass, step by step (ReLU before the max-pool), on ``net``'s layers."""
+    x = F.relu(net.conv1(x))
+    x = F.max_pool2d(F.relu(net.conv2(x)), 2)
+    x = F.dropout(x, net.dropout1.p, net.training)
+    x = F.relu(net.fc1(torch.flatten(x, 1)))
+    x = F.dropout(x, net.dropout2.p, net.training)
+    return F.log_softmax(net.fc2(x), dim=1)
+
+
+def test_forward_and_gradients_are_bit_identical_to_the_examples_order(mnist5k):
+    """Net pools before its ReLU (cheaper); outputs and every gradient must be the example's, bit for bit."""
+    images, labels = mnist5k
+    x = images[::79][:64].astype(np.float32)[:, None] / 255  # real digits, all ten classes
+    x, y = torch.from_numpy((x - 0.1307) / 0.3081), torch.from_numpy(labels[::79][:64].astype(np.int64))
+    ours, theirs = model.new_model(0).eval(), model.new_model(0).eval()  # eval: no dropout
+    out_ours, out_theirs = ours(x), example_forward(theirs, x)
+    assert torch.equal(out_ours, out_theirs)
+    F.nll_loss(out_ours, y).backward()
+    F.nll_loss(out_theirs, y).backward()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
+def test_dropout_keeps_each_element_with_probability_1_minus_p_scaled_up():
+    ones = torch.ones(256, 4096)
+    for p in (0.25, 0.5):
+        out = model.dropout(ones, p, torch.Generator().manual_seed(0))
+        kept = out != 0
+        share, sigma = kept.double().mean().item(), (p * (1 - p) / ones.numel()) ** 0.5
+        assert abs(share - (1 - p)) < 5 * sigma, (p, share)
+        assert torch.all(out[kept] == 1 / (1 - p))
+        per_row = kept.double().mean(1)  # no structure: each row and column near 1 - p as well
+        assert per_row.min() > 1 - p - 0.05 and per_row.max() < 1 - p + 0.05
+    with pytest.raises(ValueError, match="multiple of 1/256"):
+        model.dropout(ones, 0.3)
+
+
+def test_dropout_masks_follow_the_generator_and_the_memory_layout():
+    x = torch.ones(8, 64, 12, 12).contiguous(memory_format=torch.channels_last)
+    first = model.dropout(x, 0.25, torch.Generator().manual_seed(1))
+    again = model.dropout(x, 0.25, torch.Generator().manual_seed(1))
+    other = model.dropout(x, 0.25, torch.Generator().manual_seed(2))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert first.is_contiguous(memory_format=torch.channels_last)
+    net = model.new_model(0)
+    inputs = torch.rand(4, 1, 28, 28)
+    assert torch.equal(net.eval()(inputs, torch.Generator().manual_seed(1)), net(inputs))  # eval: no dropout
+    net.train()
+    assert torch.equal(net(inputs, torch.Generator().manual_seed(1)), net(inputs, torch.Generator().manual_seed(1)))
+    assert not torch.equal(net(inputs, torch.Generator().manual_seed(1)), net(inputs, torch.Generator().manual_seed(2)))

@@ -147,3 +147,9 @@ def test_bad_arguments_exit_2_with_message(clients_dir, tmp_path, capsys, extra,
 def test_a_directory_without_clients_is_refused(tmp_path, capsys):
     assert main(["simulate", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--rounds", "1"]) == 2
     assert "no client-<i> directories (run `python -m mnist_edge prepare` first)" in capsys.readouterr().err
+
+
+def test_progress_off_a_terminal_is_plain_lines(clients_dir, tmp_path, capsys):
+    simulate(clients_dir, 1, tmp_path / "run", batch_size=16, seed=3, echo=lambda line: None)
+    err = capsys.readouterr().err
+    assert "round 1/1: 50 % (1/2 clients)\nround 1/1: 100 % (2/2 clients)\n" in err and "\r" not in err

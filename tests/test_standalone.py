@@ -66,6 +66,7 @@ def test_train_writes_a_plain_state_dict_and_its_metadata(trained, shards):
     """
     out, done = trained
     assert "trained 200 images for 1 epoch(s)" in done.stdout
+    assert "train: 100 % (4/4 batches)" in done.stderr and "\r" not in done.stderr  # a log, not a terminal
     net = model.Net()
     net.load_state_dict(torch.load(out, weights_only=True), strict=True)
     start = model.new_model(3).state_dict()  # --seed 3 fixes the initial weights

@@ -8,10 +8,12 @@ chokes on anything else).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import sys
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,7 +22,6 @@ import numpy as np
 import scaleoututil.grpc.scaleout_pb2 as scaleout_msg
 from scaleout import ScaleoutModel
 from scaleoututil.helpers.helpers import get_helper
-from scaleoututil.helpers.plugins.numpyhelper import Helper as NumpyHelper
 
 from . import data, model, paths, privacy, training
 from .settings import capped_batch_size, parse_settings
@@ -86,32 +87,40 @@ def params_from(scaleout_model: ScaleoutModel) -> list[np.ndarray]:
         raise model.ModelFileError(f"{source}: holds no readable parameter file ({error})") from None
 
 
-class UpdateHelper(NumpyHelper):
-    """scaleout's numpyhelper, writing the same npz (members ``0.npy``, ``1.npy``, ...) faster.
+# The client's model container (``scaleoututil.utils.model``, the same on 1.0.7 and 1.1): a zip
+# holding metadata.json and the helper's bytes as training_model.bin. from_training_model has the
+# helper write an npz and then deflates that member again at zlib's default level, a second pass
+# over bytes that are compressed already; ScaleoutModel.from_stream takes a finished container as
+# it is, so the update is compressed once. Both lines read an unstamped metadata.json as their
+# current format, and the client re-stamps the update when it sets the update's id.
+CONTAINER_METADATA = "metadata.json"
+CONTAINER_TRAINING_MODEL = "training_model.bin"
+UPDATE_NPZ_LEVEL = 1
 
-    The stock ``save`` is ``np.savez_compressed`` (zlib level 6). Float32 weights barely
-    compress beyond what deflate level 1 finds, so level 1 gives an npz of nearly the same size
-    in less time; the server's and combiner's stock numpyhelper load it unchanged
-    (``helper_type`` stays ``numpyhelper``).
+
+def update_npz(params: list[np.ndarray]) -> bytes:
+    """The numpyhelper's npz (members ``0.npy``, ``1.npy``, ...) deflated at level 1, not 6.
+
+    Float32 weights barely compress beyond what level 1 finds: the same size in less time, and
+    the server's and combiner's stock numpyhelper load it unchanged.
     """
-
-    def save(self, weights, path=None, file_type="npz"):
-        if file_type != "npz":
-            return super().save(weights, path, file_type)
-        path = path or self.get_tmp_path()
-        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as npz:
-            for index, array in enumerate(weights):
-                with npz.open(f"{index}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
-        return path
-
-
-UPDATE_HELPER = UpdateHelper()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=UPDATE_NPZ_LEVEL) as npz:
+        for index, array in enumerate(params):
+            with npz.open(f"{index}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def to_scaleout_model(params: list[np.ndarray]) -> ScaleoutModel:
-    """The update as a ScaleoutModel in the numpyhelper format (see :class:`UpdateHelper`)."""
-    return ScaleoutModel.from_training_model(params, UPDATE_HELPER)
+    """The update as a ScaleoutModel (helper ``numpyhelper``, a fresh model id), compressed once."""
+    container = io.BytesIO()
+    with zipfile.ZipFile(container, "w") as archive:
+        metadata = {"model_id": str(uuid.uuid4()), "helper_type": HELPER.name}
+        archive.writestr(CONTAINER_METADATA, json.dumps(metadata), zipfile.ZIP_DEFLATED)
+        archive.writestr(CONTAINER_TRAINING_MODEL, update_npz(params), zipfile.ZIP_STORED)
+    container.seek(0)
+    return ScaleoutModel.from_stream(container)
 
 
 class EdgeTasks:

@@ -23,6 +23,7 @@ import torch
 
 from . import data, edge, ledger, model, privacy, runtime, training
 from .aggregate import fedavg
+from .progress import track
 from .settings import DP_SETTINGS, SEED_LIMIT, parse_settings
 
 HISTORY_FIELDS = ("round", "clients", "training_loss", "test_loss", "test_accuracy", "seconds",
@@ -183,11 +184,9 @@ def train_round(
     weighted by ``num_examples`` (NaN if a client's loss was not finite) and each client's train
     metadata; None when every client refused.
     """
-    from tqdm import tqdm
-
     global_model = edge.to_scaleout_model(params)
     results, loss_sum, metas = [], 0.0, {}
-    for i, client, workdir in tqdm(chosen, desc=label, unit="client", leave=False, disable=not progress):
+    for i, client, workdir in track(chosen, len(chosen), label, "clients", progress):
         client_settings = {**settings, "seed": round_seed(seed, round_index, i)}
         workdir.mkdir(parents=True, exist_ok=True)
         try:

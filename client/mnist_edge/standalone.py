@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from . import data, model, paths, privacy, training
 from .model import ModelFileError
+from .progress import progress
 from .settings import TrainSettings, capped_batch_size, parse_settings
 
 MODEL_KIND = "mnist"
@@ -81,11 +81,6 @@ def lineage_round(init: str | None) -> int:
     return meta_count(read_meta(source), "round", source, default=1) + 1
 
 
-def _progress(total: int, desc: str) -> tqdm:
-    """A tqdm bar on a terminal; silent when stderr is a file or pipe (platform logs)."""
-    return tqdm(total=total, desc=desc, unit="batch", disable=None, leave=False)
-
-
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -106,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataset = data.load_dataset(args.dataset, labels_required=True)
     settings = capped_batch_size(requested, len(dataset))
     batches = settings.epochs * math.ceil(len(dataset) / settings.batch_size)
-    with _progress(batches, "train") as bar:  # DP-SGD when the node has a budget or a --dp-* flag is given
+    with progress(batches, "train", "batches") as bar:  # DP-SGD when the node has a budget or a --dp-* flag is given
         result, dp_metadata = privacy.train_round(
             net, dataset.images, dataset.labels, settings, model_id=args.init or "standalone",
             data_fingerprint=dataset.fingerprint, ledger_path=args.ledger, on_batch=bar.update,
@@ -149,7 +144,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     dataset = data.load_dataset(args.dataset, labels_required=False)
     result = output_path(args.result, DEFAULT_RESULT_NAME)
     paths.refuse_inputs(result, dataset.files, "RESULT")
-    with _progress(math.ceil(len(dataset) / training.EVAL_BATCH), "predict") as bar:
+    with progress(math.ceil(len(dataset) / training.EVAL_BATCH), "predict", "batches") as bar:
         predicted, confidence = training.predict(net, dataset.images, on_batch=bar.update)
     data.write_predictions(result, dataset.image_ids, predicted, confidence)
     print(f"predicted {len(predicted)} images into {result}"
