@@ -51,7 +51,7 @@ class Reference:
 class Ours:
     """Our step, as ``training.train`` runs it, with one idea changed by the keyword arguments."""
 
-    def __init__(self, pixels: np.ndarray, labels: torch.Tensor, bf16: bool, parts: int | None = None,
+    def __init__(self, pixels: np.ndarray, labels: torch.Tensor, bf16: bool, parts_per_thread: bool = False,
                  channels_last: bool = True, pool_first: bool = True, byte_dropout: bool = True,
                  foreach: bool = False) -> None:
         self.net = model.new_model(0)
@@ -64,7 +64,7 @@ class Ours:
         self.net.to(memory_format=self.memory_format).train()
         self.optimizer = (torch.optim.Adadelta(self.net.parameters(), lr=1.0, foreach=True) if foreach
                           else training.make_optimizer("adadelta", self.net.parameters(), 1.0))
-        parts = parallel.batch_parts(CPU) if parts is None else parts
+        parts = torch.get_num_threads() if parts_per_thread else parallel.batch_parts(CPU)
         self.gradient = parallel.BatchGradient(self.net, parts, bf16, CPU, seed=0)
         self.pixels, self.labels = torch.from_numpy(pixels), labels
 
@@ -75,7 +75,7 @@ class Ours:
 
 IDEAS: dict[str, dict] = {
     "ours (all on)": {},
-    "without batch parts (intra-op threads)": {"parts": 1},
+    "with batch parts (one per thread)": {"parts_per_thread": True},
     "without channels_last": {"channels_last": False},
     "without pool-before-ReLU": {"pool_first": False},
     "without byte-mask dropout": {"byte_dropout": False},
@@ -94,7 +94,7 @@ def main() -> None:
     training.keep_freed_memory()  # process-wide, as in train_throughput
     report = Report()
     report(machine())
-    report(f"threads {args.threads}; batch parts by default {parallel.batch_parts(CPU)}; batch 64; "
+    report(f"threads {args.threads}; batch parts by default {parallel.batch_parts(CPU)} (MNIST_EDGE_BATCH_PARTS); batch 64; "
            f"{args.rounds} rounds of {args.steps} steps per variant")
     pixels, labels = images(64 * 60)
     labels = torch.from_numpy(labels.astype(np.int64))

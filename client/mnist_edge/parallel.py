@@ -6,8 +6,8 @@ for it. Here each core computes the gradient of its part of the batch with one i
 and autograd sums the parts' gradients into ``.grad`` (each part's loss is its share of the batch
 mean), so the optimizer still takes one step for the gradient of the whole batch: the same update,
 with one meeting per batch instead of one per operator. On the 2-core machine measured it was far
-faster whenever other work shared the cores and a little slower at the quietest moments; README
-"Performance" has the figures and ``MNIST_EDGE_BATCH_PARTS`` lets a node choose.
+faster while other work shared the cores, and slower on the quiet machine (README "Performance"),
+so batches stay whole unless a node sets ``MNIST_EDGE_BATCH_PARTS``.
 """
 
 from __future__ import annotations
@@ -22,39 +22,29 @@ from torch import nn
 
 from .settings import SettingsError
 
-MEASURED_THREADS = (2,)
-"""Thread counts where parts were measured to beat intra-op threads (``bench/train_ideas.py``).
-
-Autograd adds the parts' gradients into ``.grad`` in the order the parts finish: two addends
-commute exactly, so two parts train reproducibly from the seed; more parts would need a fixed
-order of summation first.
-"""
-
-
 PARTS_ENV = "MNIST_EDGE_BATCH_PARTS"
-"""Node setting (never a round setting): ``auto`` (default), or the number of parts (1 = whole batches)."""
+"""Node setting (never a round setting): the number of parts, default 1 (whole batches)."""
 
 
 class PartsSettingError(SettingsError):
-    """``MNIST_EDGE_BATCH_PARTS`` holds something other than ``auto`` or a positive integer."""
+    """``MNIST_EDGE_BATCH_PARTS`` holds something other than a positive integer."""
 
 
-def batch_parts(device: torch.device, threads: int | None = None) -> int:
-    """How many parts to split a batch into: one per torch thread, where that was measured to help.
+def batch_parts(device: torch.device) -> int:
+    """How many parts to split a batch into on the CPU: ``MNIST_EDGE_BATCH_PARTS``, default 1.
 
-    ``auto``: on the CPU with 2 torch threads, 2 parts; elsewhere (CUDA, 1 thread, thread counts
-    not yet measured) the batch stays whole and torch's own threading does the work. A node's
-    ``MNIST_EDGE_BATCH_PARTS`` overrides that on the CPU (e.g. ``1`` on a dedicated 2-core node,
-    where whole batches were up to ~10 % faster at the quietest moments measured).
+    Whole batches on torch's intra-op threads were faster on the quiet 2-core machine measured
+    (``bench/train_ideas.py``: 1.20x the reference step against 1.06x in 2 parts); 2 parts on 2
+    threads won by far while other processes shared the cores (1.68x against 1.08x), so a node
+    whose cores are shared can ask for them. Autograd adds the parts' gradients in the order the
+    parts finish: two addends commute exactly, so 2 parts train reproducibly from the seed, more
+    can differ in the last bits. CUDA batches stay whole.
     """
-    threads = torch.get_num_threads() if threads is None else threads
     if device.type != "cpu":
         return 1
-    chosen = os.environ.get(PARTS_ENV, "auto").strip().lower()
-    if chosen == "auto":
-        return threads if threads in MEASURED_THREADS else 1
+    chosen = os.environ.get(PARTS_ENV, "1").strip()
     if not chosen.isdigit() or int(chosen) < 1:
-        raise PartsSettingError(f"{PARTS_ENV} must be 'auto' or a whole number >= 1, got {chosen!r}")
+        raise PartsSettingError(f"{PARTS_ENV} must be a whole number >= 1, got {chosen!r}")
     return int(chosen)
 
 
