@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnist_edge import training
+from mnist_edge import hardware
 from mnist_edge.prepare import load_mnist5k
 
 _log = logging.getLogger("mnist_edge")  # per-round INFO lines would drown the report: a handler
@@ -83,7 +83,7 @@ def machine() -> str:
         f"torch.cpu capabilities: {torch_flags}",
         f"cores: {os.cpu_count()}; python {sys.version.split()[0]}; "
         f"torch {torch.__version__}; numpy {np.__version__}; scaleout {_version('scaleout')}",
-        f"native bf16 on this CPU (training.bf16_supported): {training.bf16_supported(cpu)}",
+        f"native bf16 on this CPU (hardware.bf16_supported): {hardware.bf16_supported(cpu)}",
     ])
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from opacus.accountants.utils import get_noise_multiplier
 
-from mnist_edge import data, dpsgd, model, parallel, privacy, training
+from mnist_edge import data, dpsgd, hardware, model, parallel, privacy, training
 from mnist_edge.prepare import prepare
 from mnist_edge.settings import parse_settings
 from mnist_edge.simulate import simulate
@@ -42,8 +42,8 @@ class PlainStep:
     """The non-DP step of ``training.train`` (``training.train_step``), precision as ``precision`` says."""
 
     def __init__(self, precision: str, device: torch.device) -> None:
-        self.bf16 = training.use_bf16(precision, device)
-        self.memory_format = training.memory_format_for(device)
+        self.bf16 = hardware.use_bf16(precision, device)
+        self.memory_format = hardware.memory_format_for(device)
         self.device = device
         self.net = model.new_model(0).to(device, memory_format=self.memory_format).train()
         self.optimizer = training.make_optimizer("adadelta", self.net.parameters(), 1.0)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mnist_edge import model, parallel, training
+from mnist_edge import hardware, model, parallel, training
 from perf_common import Report, cpu_tag, images, load, machine, median
 from train_throughput import ExampleNet
 
@@ -60,7 +60,7 @@ class Ours:
         if not byte_dropout:
             for layer in (self.net.dropout1, self.net.dropout2):
                 layer.forward = lambda x, generator=None, p=layer.p: F.dropout(x, p, True)
-        self.memory_format = training.memory_format_for(CPU) if channels_last else torch.contiguous_format
+        self.memory_format = hardware.memory_format_for(CPU) if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format).train()
         self.optimizer = (torch.optim.Adadelta(self.net.parameters(), lr=1.0, foreach=True) if foreach
                           else training.make_optimizer("adadelta", self.net.parameters(), 1.0))
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    training.keep_freed_memory()  # process-wide, as in train_throughput
+    hardware.keep_freed_memory()  # process-wide, as in train_throughput
     report = Report()
     report(machine())
     report(f"threads {args.threads}; batch parts by default {parallel.batch_parts(CPU)} (MNIST_EDGE_BATCH_PARTS); batch 64; "
@@ -99,7 +99,7 @@ def main() -> None:
     pixels, labels = images(64 * 60)
     labels = torch.from_numpy(labels.astype(np.int64))
     variants: dict[str, Callable[[torch.Tensor], None]] = {"A reference step (fp32)": Reference(pixels, labels).step}
-    for precision in ["fp32"] + (["bf16"] if training.bf16_supported(CPU) else []):
+    for precision in ["fp32"] + (["bf16"] if hardware.bf16_supported(CPU) else []):
         for name, idea in IDEAS.items():
             if precision == "fp32" or "foreach" not in name:
                 variants[f"{precision} {name}"] = Ours(pixels, labels, precision == "bf16", **idea).step

@@ -12,7 +12,7 @@ bf16 ("B bf16", what ``auto`` picks there).
 
 All contenders alternate (A, B fp32, B bf16, then the other way round) in this one process, on the same images,
 with the same torch thread count; each runs once short first (oneDNN builds its kernels on first
-use). The glibc allocator setting that B's training makes (``training.keep_freed_memory``) is
+use). The glibc allocator setting that B's training makes (``hardware.keep_freed_memory``) is
 process-wide, so it is made before the first run and A has it too. Pair ``k`` uses seed ``k``
 for every contender: the same initial weights and the same shuffles (the DataLoader gets a
 generator with that seed, as B's ``randperm`` does); dropout masks differ (B draws its own), so
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mnist_edge import data, edge, model, runtime, training
+from mnist_edge import data, edge, hardware, model, runtime, training
 from perf_common import Report, cpu_tag, images, load, machine, median
 
 TARGET = "ratio >= 1.3 in fp32, bf16 where native; accuracy within 0.5 points"
@@ -123,7 +123,7 @@ def contenders(x: np.ndarray, y: np.ndarray, args: argparse.Namespace, node: Pat
     reference_run(x[:640], y[:640], args, 0)
     data.load_split(node, "train")  # a node's shard cache is warm after its first round
     client, warm_client = (runtime.local_client(d, runtime=DiscardRuntime()) for d in (node, warm_node))
-    precisions = ["fp32"] + (["bf16"] if training.bf16_supported(torch.device("cpu")) else [])
+    precisions = ["fp32"] + (["bf16"] if hardware.bf16_supported(torch.device("cpu")) else [])
     for precision in precisions:
         callback_run(warm_client, args, 0, precision)
         runs[f"B {precision}"] = lambda seed, p=precision: callback_run(client, args, seed, p)
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    training.keep_freed_memory()  # process-wide: A gets B's allocator setting too
+    hardware.keep_freed_memory()  # process-wide: A gets B's allocator setting too
     report = Report()
     report(machine())
     report(f"threads {args.threads}; batch parts {training.batch_parts(torch.device('cpu'))}; "

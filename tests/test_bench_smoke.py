@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_edge import training
+from mnist_edge import hardware
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -50,6 +50,6 @@ def test_train_throughput_compares_fp32_and_native_bf16_naming_the_cpu_in_every_
     tag = lines[0].removeprefix("cpu: ").split("; results class")[0]  # model [flags]
     assert "[" in tag and lines[1].startswith("torch.cpu capabilities: ")
     results = [line for line in lines if " / A: median ratio " in line]
-    native = training.bf16_supported(torch.device("cpu"))
+    native = hardware.bf16_supported(torch.device("cpu"))
     assert [line.split(" / A")[0] for line in results] == ["B fp32"] + (["B bf16"] if native else [])
     assert all(tag in line and "load " in line for line in results)

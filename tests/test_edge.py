@@ -157,7 +157,7 @@ def test_the_train_result_names_the_exact_shard_bytes_it_trained_on(started, see
 
 @pytest.mark.parametrize("asked", ["fp32", "bf16", "auto"])
 def test_the_train_result_says_which_precision_computed(started, seed_path, node_dir, mnist5k, asked):
-    """``auto``'s expectation comes from /proc/cpuinfo (conftest), not from ``training.bf16_supported``.
+    """``auto``'s expectation comes from /proc/cpuinfo (conftest), not from ``hardware.bf16_supported``.
 
     Mutation: report the requested setting instead of what the loop used (``settings.precision``):
     ``auto`` is reported as "auto" and this fails.

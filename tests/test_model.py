@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from mnist_edge import model, npz
 from mnist_edge.model import ModelFileError
+from mnist_edge.net import dropout
 
 
 def test_architecture_matches_the_pytorch_example():
@@ -121,7 +122,7 @@ def test_forward_and_gradients_are_bit_identical_to_the_examples_order(mnist5k):
 def test_dropout_keeps_each_element_with_probability_1_minus_p_scaled_up():
     ones = torch.ones(256, 4096)
     for p in (0.25, 0.5):
-        out = model.dropout(ones, p, torch.Generator().manual_seed(0))
+        out = dropout(ones, p, torch.Generator().manual_seed(0))
         kept = out != 0
         share, sigma = kept.double().mean().item(), (p * (1 - p) / ones.numel()) ** 0.5
         assert abs(share - (1 - p)) < 5 * sigma, (p, share)
@@ -129,14 +130,14 @@ def test_dropout_keeps_each_element_with_probability_1_minus_p_scaled_up():
         per_row = kept.double().mean(1)  # no structure: each row and column near 1 - p as well
         assert per_row.min() > 1 - p - 0.05 and per_row.max() < 1 - p + 0.05
     with pytest.raises(ValueError, match="multiple of 1/256"):
-        model.dropout(ones, 0.3)
+        dropout(ones, 0.3)
 
 
 def test_dropout_masks_follow_the_generator_and_the_memory_layout():
     x = torch.ones(8, 64, 12, 12).contiguous(memory_format=torch.channels_last)
-    first = model.dropout(x, 0.25, torch.Generator().manual_seed(1))
-    again = model.dropout(x, 0.25, torch.Generator().manual_seed(1))
-    other = model.dropout(x, 0.25, torch.Generator().manual_seed(2))
+    first = dropout(x, 0.25, torch.Generator().manual_seed(1))
+    again = dropout(x, 0.25, torch.Generator().manual_seed(1))
+    other = dropout(x, 0.25, torch.Generator().manual_seed(2))
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert first.is_contiguous(memory_format=torch.channels_last)
     net = model.new_model(0)

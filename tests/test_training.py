@@ -8,15 +8,15 @@ import torch
 
 from conftest import auto_precision_here
 
-from mnist_edge import model, training
+from mnist_edge import hardware, model, training
 from mnist_edge.settings import parse_settings
 
 CPU = torch.device("cpu")
 
 
 def test_auto_matches_this_cpus_own_flags():
-    assert training.use_bf16("auto", CPU) == (auto_precision_here() == "bf16")
-    assert training.use_bf16("fp32", CPU) is False and training.use_bf16("bf16", CPU) is True
+    assert hardware.use_bf16("auto", CPU) == (auto_precision_here() == "bf16")
+    assert hardware.use_bf16("fp32", CPU) is False and hardware.use_bf16("bf16", CPU) is True
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def cpu_like(monkeypatch):
     def pretend(onednn_bf16: bool, **features: bool) -> None:
         monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
-        monkeypatch.setattr(training, "_cpu_features", lambda: dict(features))
+        monkeypatch.setattr(hardware, "_cpu_features", lambda: dict(features))
 
     return pretend
 
@@ -48,9 +48,9 @@ def test_auto_is_bf16_only_on_a_native_bf16_unit_with_onednn_kernels(cpu_like, o
     """Mutations: ignore the CPU features (oneDNN's answer alone), or ignore oneDNN's answer;
     either way one of these CPUs gets the wrong precision."""
     cpu_like(onednn_bf16, **features)
-    assert training.bf16_supported(CPU) is native
-    assert training.use_bf16("auto", CPU) is native
-    assert training.use_bf16("fp32", CPU) is False and training.use_bf16("bf16", CPU) is True
+    assert hardware.bf16_supported(CPU) is native
+    assert hardware.use_bf16("auto", CPU) is native
+    assert hardware.use_bf16("fp32", CPU) is False and hardware.use_bf16("bf16", CPU) is True
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_edge import model, training
+from mnist_edge import hardware, model, training
 from mnist_edge.settings import parse_settings
 from mnist_edge.training import TrainingDiverged
 
@@ -142,9 +142,9 @@ def test_images_are_normalised_with_the_mnist_mean_and_std():
 
 def test_cuda_when_there_is_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert training.select_device() == torch.device("cuda")
+    assert hardware.select_device() == torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert training.select_device() == CPU
+    assert hardware.select_device() == CPU
 
 
 def test_a_gpu_counts_as_bf16_only_without_emulation(monkeypatch):
@@ -156,7 +156,7 @@ def test_a_gpu_counts_as_bf16_only_without_emulation(monkeypatch):
         return not including_emulation
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", native_only)
-    assert training.bf16_supported(torch.device("cuda")) is True and asked == [False]
+    assert hardware.bf16_supported(torch.device("cuda")) is True and asked == [False]
 
     def old_torch(**kwargs):
         if kwargs:
@@ -164,19 +164,19 @@ def test_a_gpu_counts_as_bf16_only_without_emulation(monkeypatch):
         return True
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", old_torch)
-    assert training.bf16_supported(torch.device("cuda")) is True
-    assert training.bf16_supported(torch.device("meta")) is False
+    assert hardware.bf16_supported(torch.device("cuda")) is True
+    assert hardware.bf16_supported(torch.device("meta")) is False
 
 
 def test_cpu_features_come_from_torch_or_from_its_older_x86_checks(monkeypatch):
     """Recent torch lists the CPU's features; older torch has one check per feature (maybe absent)."""
     capabilities = {"avx512_bf16": True, "amx_bf16": False, "other": 3}
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
-    assert training._cpu_features() == capabilities
+    assert hardware._cpu_features() == capabilities
     monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
     for avx512, amx in ((True, False), (False, True)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512: value, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value, raising=False)
-        assert training._cpu_features() == {"avx512_bf16": avx512, "amx_bf16": amx}
+        assert hardware._cpu_features() == {"avx512_bf16": avx512, "amx_bf16": amx}
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert training._cpu_features() == {"avx512_bf16": False, "amx_bf16": False}
+    assert hardware._cpu_features() == {"avx512_bf16": False, "amx_bf16": False}

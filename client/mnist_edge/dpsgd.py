@@ -24,7 +24,7 @@ from opacus.optimizers import get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
-from . import training
+from . import hardware, training
 from .settings import TrainSettings
 
 GRAD_SAMPLE_MODE = "ghost"
@@ -127,7 +127,7 @@ def train_private(
     ``training.LOG_EVERY_BATCHES`` batches and at every epoch's end. ``settings.seed`` fixes
     dropout only. An empty batch (Poisson sampling allows it) still takes its noisy step.
     """
-    device = device or training.select_device()
+    device = device or hardware.select_device()
     if settings.seed is not None:
         torch.manual_seed(settings.seed)  # dropout masks; sampling and noise stay secret
     x_all = torch.from_numpy(np.ascontiguousarray(images))

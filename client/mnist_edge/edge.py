@@ -23,7 +23,7 @@ import scaleoututil.grpc.scaleout_pb2 as scaleout_msg
 from scaleout import ScaleoutModel
 from scaleoututil.helpers.helpers import get_helper
 
-from . import data, model, paths, privacy, training
+from . import data, hardware, model, paths, privacy, training
 from .settings import capped_batch_size, parse_settings
 
 log = logging.getLogger("mnist_edge")
@@ -130,7 +130,7 @@ class EdgeTasks:
         self.client = client
         self._data_dir = Path(data_dir) if data_dir is not None else None
         self.net = model.Net()
-        self.device = training.select_device()
+        self.device = hardware.select_device()
 
     @property
     def data_dir(self) -> Path:
