@@ -4,19 +4,20 @@ One real train callback (``EdgeClient`` -> ``EdgeTasks.train``), 1 epoch on 6,00
 subset, repeated), timed in parts by wrapping the functions the callback calls: parameter decode
 (``ScaleoutModel`` -> numpy -> the CNN), data (``data.load_split``: cold = first read of the
 shard, cached = a later round), training steps (``training.train``), update serialization (the
-CNN -> numpy -> ``ScaleoutModel``: ``edge.to_scaleout_model``, a level-1 npz stored as it is in
-the client's container); "other" is the rest (settings, metadata, logging). After one warm-up
+CNN -> numpy -> ``ScaleoutModel``: ``edge.to_scaleout_model``, an uncompressed npz in the
+client's container, which the client deflates once when it re-ids the update); "other" is the rest (settings, metadata, logging). After one warm-up
 callback (the first training in a process builds oneDNN's kernels) the cache is cleared: the
 next callback reads the shard cold, the ``--reps`` after it find it cached; the report gives
 their medians.
 
 Then the update builders alone, alternating ``--reps`` x 3 times on the CNN's 4.8 MB of weights:
 the client's ``ScaleoutModel.from_training_model`` with its stock numpyhelper (``np.savez_compressed``,
-then the builder deflates that member again), the same with a level-1 npz (this package's update
-before it built the container itself), and ``edge.to_scaleout_model``. For each: the build, what
-the client does with the update after the callback (``to_builder().set_model_id(..).build()``,
-the client's code, outside the callback), the combiner's decode (stock numpyhelper) and the bytes
-uploaded. Run it with each client line's interpreter (``scaleout`` 1.0.7 and 1.1).
+then the builder deflates that member again), the same with a level-1 npz (this package's first
+update), a level-1 npz stored as it is in the container (the one before this), and
+``edge.to_scaleout_model``. For each: the build (in the callback), what the client does with the
+update after the callback (``to_builder().set_model_id(..).build()``: the client's code, which
+deflates the container's member again at zlib's default level), their sum (what the node spends
+before the upload), the combiner's decode (stock numpyhelper) and the bytes uploaded. Run it with each client line's interpreter (``scaleout`` 1.0.7 and 1.1).
 
     .venv/bin/python bench/round_overhead.py [--images 6000 --reps 3]
 """
@@ -25,9 +26,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
+import json
 import os
 import tempfile
 import time
+import uuid
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -72,18 +77,40 @@ def callback_parts(client, timer: PartTimer, incoming, settings: dict) -> dict[s
     return {**timer.seconds, "other": total - sum(timer.seconds.values()), "total": total}
 
 
+def level1_npz(params: list[np.ndarray]) -> bytes:
+    """The npz as this package deflated it before (level 1), for the "before" builders."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for index, array in enumerate(params):
+            with archive.open(f"{index}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
 class Level1Helper(NumpyHelper):
-    """The stock numpyhelper writing this package's level-1 npz: the update as it was built before."""
+    """The stock numpyhelper writing a level-1 npz: this package's first update."""
 
     def save(self, weights, path=None, file_type="npz"):
-        path.write(edge.update_npz(weights))
+        path.write(level1_npz(weights))
         return path
+
+
+def level1_container(params: list[np.ndarray]) -> ScaleoutModel:
+    """The level-1 npz stored as it is in the client's container: the update before this one."""
+    container = io.BytesIO()
+    with zipfile.ZipFile(container, "w") as archive:
+        metadata = {"model_id": str(uuid.uuid4()), "helper_type": edge.HELPER.name}
+        archive.writestr(edge.CONTAINER_METADATA, json.dumps(metadata), zipfile.ZIP_DEFLATED)
+        archive.writestr(edge.CONTAINER_TRAINING_MODEL, level1_npz(params), zipfile.ZIP_STORED)
+    container.seek(0)
+    return ScaleoutModel.from_stream(container)
 
 
 BUILDERS: dict[str, Callable[[list[np.ndarray]], ScaleoutModel]] = {
     "from_training_model, stock numpyhelper": lambda p: ScaleoutModel.from_training_model(p, edge.HELPER),
-    "from_training_model, level-1 npz (before)": lambda p: ScaleoutModel.from_training_model(p, Level1Helper()),
-    "edge.to_scaleout_model (compressed once)": edge.to_scaleout_model,
+    "from_training_model, level-1 npz": lambda p: ScaleoutModel.from_training_model(p, Level1Helper()),
+    "level-1 npz stored in the container (before)": level1_container,
+    "edge.to_scaleout_model (stored, the client deflates once)": edge.to_scaleout_model,
 }
 
 
@@ -107,11 +134,12 @@ def compare_builders(params: list[np.ndarray], reps: int, report: Report) -> Non
                 seconds[name][key].append(value)
             with uploaded.get_file_stream() as stream:
                 sizes[name] = os.fstat(stream.fileno()).st_size
-    report(f"update builders, {reps} alternations, medians: {'build':>8} {'client re-id':>13} "
-           f"{'combiner decode':>16} {'uploaded':>12}")
+    report(f"update builders, {reps} alternations, medians:{'':13} {'build':>8} {'client re-id':>13} "
+           f"{'sum':>9} {'combiner decode':>16} {'uploaded':>12}")
     for name, parts in seconds.items():
-        report(f"  {name:42} {1e3 * median(parts['build']):6.1f} ms {1e3 * median(parts['re-id']):10.1f} ms "
-               f"{1e3 * median(parts['decode']):13.1f} ms {sizes[name]:>12,} B")
+        both = [a + b for a, b in zip(parts["build"], parts["re-id"])]
+        report(f"  {name:58} {1e3 * median(parts['build']):6.1f} ms {1e3 * median(parts['re-id']):10.1f} ms "
+               f"{1e3 * median(both):6.1f} ms {1e3 * median(parts['decode']):13.1f} ms {sizes[name]:>12,} B")
 
 
 def callback_report(args: argparse.Namespace, report: Report) -> None:

@@ -24,9 +24,9 @@ SMOKE_RUNS = {
                    "--budgets", "8"],
 }
 EXPECTED = {
-    "train_ideas.py": "fp32 without batch parts",
+    "train_ideas.py": "fp32 with batch parts",
     "ingest.py": "peak RSS above the interpreter+imports baseline",
-    "round_overhead.py": "edge.to_scaleout_model (compressed once)",
+    "round_overhead.py": "edge.to_scaleout_model (stored, the client deflates once)",
     "privacy.py": "DP step (ghost) / plain step (auto)",
 }
 
