@@ -26,7 +26,7 @@ SMOKE_RUNS = {
 EXPECTED = {
     "train_ideas.py": "fp32 with batch parts",
     "ingest.py": "peak RSS above the interpreter+imports baseline",
-    "round_overhead.py": "edge.to_scaleout_model (stored, the client deflates once)",
+    "round_overhead.py": "edge.to_scaleout_model (level-1 npz stored as it is)",
     "privacy.py": "DP step (ghost) / plain step (auto)",
 }
 
