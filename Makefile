@@ -62,7 +62,8 @@ test-client-1.1:
 
 # Performance benchmarks (minutes; not part of `make test`): reports land in bench/results/<CPU class>/
 # (the folder `bench/perf_common.py` names for this CPU, e.g. x86_64-avx512_bf16), the round overhead
-# per client line (LINE=1.1 for the 1.1 line), the privacy benchmark in bench/results/. BENCH_ARGS is
+# per client line (LINE=1.1 for the 1.1 line), the DP step times too (privacy_steps.txt; the DP accuracy
+# table, ~10 minutes, is `bench/privacy.py --out bench/results/privacy.txt`). BENCH_ARGS is
 # passed to each but ingest, BENCH_TAG ends the per-class file names, e.g.
 # `make bench BENCH_ARGS=--threads=1 BENCH_TAG=-1thread`.
 BENCH_ARGS ?=
@@ -74,7 +75,7 @@ bench: venv
 	$(PY) bench/train_ideas.py $(BENCH_ARGS) --out $$dir/train_ideas$(BENCH_TAG).txt && \
 	$(PY) bench/ingest.py --out $$dir/ingest.txt && \
 	$(PY) bench/round_overhead.py $(BENCH_ARGS) --out $$dir/round_overhead-scaleout$$line$(BENCH_TAG).txt && \
-	$(PY) bench/privacy.py $(BENCH_ARGS) --out bench/results/privacy.txt
+	$(PY) bench/privacy.py --steps-only $(BENCH_ARGS) --out $$dir/privacy_steps$(BENCH_TAG).txt
 
 # Mutation testing of the core modules against their fast unit tests (README "Development"; not part
 # of `make test`). mutmut 3 looks for the package under ./, src/ or source/, so it runs in a copy

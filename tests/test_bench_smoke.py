@@ -27,7 +27,7 @@ EXPECTED = {
     "train_ideas.py": "fp32 with batch parts",
     "ingest.py": "peak RSS above the interpreter+imports baseline",
     "round_overhead.py": "edge.to_scaleout_model (level-1 npz stored as it is)",
-    "privacy.py": "DP step (ghost) / plain step (auto)",
+    "privacy.py": "DP step (ghost) / plain (fp32) step: median ratio",
 }
 
 

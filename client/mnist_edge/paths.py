@@ -80,7 +80,7 @@ def atomic_write(path: Path, write: Callable[[IO], None], mode: str = "w") -> Pa
     :class:`OutputError` naming the path. Stale temporary files of an earlier crash are removed.
     """
     path = Path(path)
-    _check_target(path)
+    check_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(path)
@@ -104,7 +104,8 @@ def atomic_write(path: Path, write: Callable[[IO], None], mode: str = "w") -> Pa
     return path
 
 
-def _check_target(path: Path) -> None:
+def check_target(path: Path) -> None:
+    """Refuse a path that cannot be a file's target (a directory, a device): before any work is done."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:

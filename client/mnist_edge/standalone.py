@@ -95,6 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     flags = {f.name: getattr(args, f.name) for f in fields(TrainSettings)}
     requested = parse_settings({key: value for key, value in flags.items() if value is not None})
     out = output_path(args.model, DEFAULT_MODEL_NAME)
+    for target in (out, meta_path(out)):  # before the training, not after it
+        paths.check_target(target)
     net = model.new_model(requested.seed if requested.seed is not None else 0)
     if args.init:
         model.set_parameters(net, model.load_model_file(args.init), args.init)
@@ -144,6 +146,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     dataset = data.load_dataset(args.dataset, labels_required=False)
     result = output_path(args.result, DEFAULT_RESULT_NAME)
     paths.refuse_inputs(result, dataset.files, "RESULT")
+    paths.check_target(result)
     with progress(math.ceil(len(dataset) / training.EVAL_BATCH), "predict", "batches") as bar:
         predicted, confidence = training.predict(net, dataset.images, on_batch=bar.update)
     data.write_predictions(result, dataset.image_ids, predicted, confidence)
