@@ -3,8 +3,9 @@
 Run by the Makefile in mutmut's working copy (``build/mutate``), after ``mutmut run``. A mutant
 that no selected test kills is listed with its diff; one listed in ``bench/mutation_equivalents.txt``
 (by its function and its mutated line, which survive renumbering) is shown with the reason it
-changes nothing observable, and set aside from the score. Exit status 1 when an unexplained
-survivor is left, so a new one cannot slip into the report unnoticed.
+changes nothing observable, and set aside from the score. Mutants the run did not reach (an
+interrupted or partial run) are counted as "not run", outside the score. Exit status 1 when an
+unexplained survivor is left or a mutant was not run, so neither can slip into the report unnoticed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mutmut.utils.file_utils import walk_mutatable_files
 
 EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.txt")
 DETECTED = ("killed", "timeout", "segfault")
+NOT_RUN = "not checked"
 
 
 @dataclass
@@ -68,7 +70,7 @@ def load_mutants() -> list[Mutant]:
         module = path.relative_to(root).as_posix()
         for name, exit_code in data.exit_code_by_key.items():
             status = status_by_exit_code[exit_code]
-            diff = "" if status in DETECTED else get_diff_for_mutant(name, path=path)
+            diff = "" if status in DETECTED or status == NOT_RUN else get_diff_for_mutant(name, path=path)
             mutants.append(Mutant(name, module, status, diff))
     return mutants
 
@@ -90,6 +92,9 @@ def report(mutants: list[Mutant], known: dict[tuple[str, str], str], header: str
     for m in mutants:
         counts = by_module.setdefault(m.module, Counter())
         counts["mutants"] += 1
+        if m.status == NOT_RUN:  # an interrupted or partial run: neither killed nor survived
+            counts["not run"] += 1
+            continue
         if m.status in DETECTED:
             counts["killed"] += 1
             continue
@@ -102,12 +107,14 @@ def report(mutants: list[Mutant], known: dict[tuple[str, str], str], header: str
             unexplained.append(m)
     total = sum(by_module.values(), Counter())
     for module, c in [*sorted(by_module.items()), ("all", total)]:
-        score = c["killed"] / max(c["mutants"] - c["equivalent"], 1)
-        rows.append(f"{module:<22} {c['mutants']:>7} {c['killed']:>7} {c['equivalent']:>10} {c['not killed']:>10}"
-                    f" {c['killed'] / max(c['mutants'], 1):>8.1%} {score:>10.1%}")
-    out += [f"{'module':<22} {'mutants':>7} {'killed':>7} {'equivalent':>10} {'not killed':>10} {'killed':>8}"
-            f" {'score':>10}", *rows, "",
-            "killed: a selected test failed (or timed out); score: killed / (mutants - equivalent).", ""]
+        run = c["mutants"] - c["not run"]
+        score = c["killed"] / max(run - c["equivalent"], 1)
+        rows.append(f"{module:<22} {c['mutants']:>7} {c['not run']:>7} {c['killed']:>7} {c['equivalent']:>10} "
+                    f"{c['not killed']:>10} {c['killed'] / max(run, 1):>8.1%} {score:>10.1%}")
+    out += [f"{'module':<22} {'mutants':>7} {'not run':>7} {'killed':>7} {'equivalent':>10} {'not killed':>10} "
+            f"{'killed':>8} {'score':>10}", *rows, "",
+            "killed: a selected test failed (or timed out), as a share of the mutants run; score: killed /",
+            "(mutants run - equivalent). not run: mutants this run did not reach (see the header).", ""]
     out.append(f"Not killed and not explained: {len(unexplained)}")
     for m in unexplained:
         out += [f"  {m.name} ({m.status})", *("    " + line for line in m.diff.splitlines()[2:])]
@@ -115,17 +122,18 @@ def report(mutants: list[Mutant], known: dict[tuple[str, str], str], header: str
     for m, reason in equivalent:
         changed = "; ".join(m.mutated_lines) or "(line deleted)"
         out.append(f"  {m.function}: {changed}\n      why: {reason}")
-    return "\n".join(out) + "\n", len(unexplained)
+    return "\n".join(out) + "\n", len(unexplained) + total["not run"]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seconds", type=int, help="how long `mutmut run` took (for the header)")
+    parser.add_argument("--note", default="", help="a line for the header (e.g. how a partial run was made)")
     args = parser.parse_args()
     took = f", {args.seconds // 60} min {args.seconds % 60} s" if args.seconds else ""
     header = (f"Mutation testing: `make mutate` (mutmut {version('mutmut')}, one worker{took}), "
-              f"against the fast unit tests in pyproject.toml [tool.mutmut].")
+              f"against the fast unit tests in pyproject.toml [tool.mutmut]." + (f"\n{args.note}" if args.note else ""))
     text, unexplained = report(load_mutants(), load_equivalents(EQUIVALENTS), header)
     args.out.write_text(text, encoding="utf-8")
     print(re.search(r"^all .*$", text, re.M).group(0))

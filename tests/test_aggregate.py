@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,43 @@ def test_the_command_line_says_what_it_takes(capsys):
     assert "aggregate [-h] MODEL_SET_DIR OUT.pth" in text
     assert "MODEL_SET_DIR a directory of model directories, each with mnist.pth and mnist.xdata-meta.json" in text
     assert "OUT.pth model file to write, or a directory (mnist.pth inside)" in text
+
+
+def test_hidden_entries_of_a_model_set_are_not_members(model_set, tmp_path):
+    """A desktop's ``.DS_Store`` or a notebook's ``.ipynb_checkpoints`` beside the models changes nothing.
+
+    Mutation: find_members skips names starting with another prefix ("XX.XX"), so hidden entries count.
+    """
+    (model_set / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (model_set / ".ipynb_checkpoints").mkdir()
+    _, meta = aggregate.aggregate(model_set, tmp_path / "out.pth")
+    assert [p["model"] for p in meta["parents"]] == ["0b6e", "7f21"]
+
+
+@pytest.mark.parametrize("arrange, found", [
+    (lambda root: [(root / f"{c}.txt").write_text("x") for c in "fedcba"],
+     "['a.txt', 'b.txt', 'c.txt', 'd.txt', 'e.txt']"),  # the first five in name order, no hint
+    (lambda root: None, "['mnist.pth', 'mnist.xdata-meta.json'] (that is one model, not a model_set)"),
+])
+def test_stray_files_are_refused_with_the_whole_message(model_set, tmp_path, arrange, found):
+    """The first five stray files, and the hint only when a meta among them says the set is one model.
+
+    Mutation: find_members adds the hint whatever the files (``... or True``), or changes its text ("XX...XX"),
+    or puts text where no hint belongs ("XXXX"), or lists six files (``stray[:6]``).
+    """
+    arrange(model_set)
+    target = model_set / "0b6e" if "one model" in found else model_set
+    with pytest.raises(aggregate.ModelSetError) as error:
+        aggregate.aggregate(target, tmp_path / "out.pth")
+    assert str(error.value) == f"{target}: expected only model directories, found files {found}"
+
+
+def test_the_command_list_describes_aggregate_in_its_own_words(capsys):
+    """The ``--help`` listing gives exactly this line for the command, nothing around it.
+
+    Mutation: the subcommand's help text changed ("XXFedAvg ... num_examples)XX").
+    """
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"(^| )aggregate FedAvg a directory of trained models \(weighted by num_examples\)( |$)", text), text

@@ -307,3 +307,17 @@ def test_the_usual_rows_of_an_export_take_the_bulk_path(tmp_path, mnist5k, monke
     assert deferred == [] and len(shard.labels) == 300
     np.testing.assert_array_equal(shard.image_ids, np.arange(300) * 10**15)
     np.testing.assert_array_equal(shard.labels, labels)
+
+
+def test_shards_and_prediction_files_end_every_line_with_lf(tmp_path, mnist5k):
+    """The bytes on disk: text read back with universal newlines would hide a CRLF.
+
+    Mutation: a CSV writer without ``lineterminator="\\n"`` (the csv module's default is CRLF).
+    """
+    images, labels = mnist5k
+    shard = data.write_shard(tmp_path / "s.csv", images[:3], labels[:3]).read_bytes()
+    predictions = data.write_predictions(tmp_path / "p.csv", np.arange(3), np.array([1, 2, 3]),
+                                         np.ones(3, np.float32)).read_bytes()
+    assert predictions == b"image_id,label,confidence\n0,1,1.0\n1,2,1.0\n2,3,1.0\n"
+    assert shard.count(b"\n") == 4 and b"\r" not in shard
+    assert shard.startswith(b"image_id,label,image,start_datetime,end_datetime,location\n0,")

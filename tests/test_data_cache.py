@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,3 +178,33 @@ def test_a_data_dir_that_is_a_file_says_what_is_expected(tmp_path):
         data.load_split(tmp_path / "data", "train")
     assert str(error.value) == (f"{tmp_path / 'data'}: is a file, expected the node's data directory "
                                 "(SCALEOUT_DATA_DIR) holding train/, test/, predict/")
+
+
+def test_a_split_read_without_labels_keeps_its_unlabelled_rows(tmp_path, mnist5k):
+    """Mutation: ``load_split`` not passing ``labels_required`` on (a predict split loses its unlabelled rows)."""
+    images, _ = mnist5k
+    data.write_shard(tmp_path / "predict" / "s.csv", images[:3], np.array([data.NO_LABEL, 4, data.NO_LABEL]))
+    dataset = data.load_split(tmp_path, "predict", labels_required=False)
+    assert dataset.labels.tolist() == [data.NO_LABEL, 4, data.NO_LABEL] and dataset.rows_skipped == 0
+    np.testing.assert_array_equal(dataset.images, images[:3])
+
+
+@pytest.mark.parametrize("age, rehashed", [(data.RACY_NS - 1, True), (data.RACY_NS, False)])
+def test_a_shard_is_settled_once_its_last_change_is_racy_ns_old(tmp_path, mnist5k, monkeypatch, age, rehashed):
+    """With the clock set: a file last changed under RACY_NS ago is re-hashed on a hit, one RACY_NS old is not.
+
+    Mutation: ``<`` made ``<=`` in ``_is_racy`` (a file exactly RACY_NS old still re-hashed on every hit).
+    """
+    images, labels = mnist5k
+    path = data.write_shard(tmp_path / "s.csv", images[:2], labels[:2])
+    status = os.stat(path)
+    changed = max(status.st_mtime_ns, status.st_ctime_ns)
+    monkeypatch.setattr(data, "time", SimpleNamespace(time_ns=lambda: changed + age))
+    shard, was_read = data.cached_shard(path, True)
+    assert was_read
+    hashed = []
+    real_sha256 = data.file_sha256
+    monkeypatch.setattr(data, "file_sha256", lambda p: hashed.append(p) or real_sha256(p))
+    hit, was_read = data.cached_shard(path, True)
+    assert hit is shard and not was_read
+    assert hashed == ([path] if rehashed else [])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import warnings
 import zipfile
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 
 from mnist_edge import model, npz
 from mnist_edge.model import ModelFileError
-from mnist_edge.net import dropout
+from mnist_edge.net import Dropout, dropout, random_bytes_like
 
 
 def test_architecture_matches_the_pytorch_example():
@@ -146,3 +148,141 @@ def test_dropout_masks_follow_the_generator_and_the_memory_layout():
     net.train()
     assert torch.equal(net(inputs, torch.Generator().manual_seed(1)), net(inputs, torch.Generator().manual_seed(1)))
     assert not torch.equal(net(inputs, torch.Generator().manual_seed(1)), net(inputs, torch.Generator().manual_seed(2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_module_in_any_precision_gives_float32_parameters(dtype):
+    """The federation gets float32 arrays whatever precision the module was kept in.
+
+    Mutation: get_parameters converts to the CPU only (``.to("cpu", None)`` or ``.to("cpu")``), keeping the dtype.
+    """
+    net = model.new_model(0)
+    want = [p.to(dtype).float().numpy() for p in net.state_dict().values()]
+    got = model.get_parameters(net.to(dtype))
+    assert [p.dtype for p in got] == [np.float32] * 8
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_big_endian_arrays_load_into_the_module():
+    """Arrays in big-endian byte order (as a file from a big-endian machine holds them) load as the same weights.
+
+    Mutation: set_parameters hands the arrays to torch without converting them to native float32 (``dtype=None``
+    or no dtype), which torch.from_numpy refuses for a foreign byte order.
+    """
+    params = model.get_parameters(model.new_model(5))
+    net = model.new_model(0)
+    model.set_parameters(net, [p.astype(">f4") for p in params])
+    for a, b in zip(model.get_parameters(net), params):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_parameters_into_a_module_that_is_not_this_cnn_fail_loudly():
+    """A wrapped module (keys ``0.conv1.weight``...) must not be left silently untouched.
+
+    Mutation: set_parameters loads with ``strict=False`` (or ``strict=None``), which ignores every missing key.
+    """
+    wrapped = torch.nn.Sequential(model.new_model(0))
+    before = [t.clone() for t in wrapped.state_dict().values()]
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "0.conv1.weight"'):
+        model.set_parameters(wrapped, model.get_parameters(model.new_model(1)))
+    assert all(torch.equal(a, b) for a, b in zip(before, wrapped.state_dict().values()))
+
+
+@pytest.mark.parametrize("source, call, message", [
+    ("parameters", lambda p: model.check_parameters(p[:3]), "expected 8 parameter arrays for the MNIST CNN, got 3"),
+    ("update 7", lambda p: model.set_parameters(model.Net(), p[:3], "update 7"),
+     "expected 8 parameter arrays for the MNIST CNN, got 3"),
+    ("update 7", lambda p: model.set_parameters(model.Net(), p[:7] + [np.zeros(10, np.complex64)], "update 7"),
+     "array 7 (fc2.bias) is complex64, expected real numbers (float32)"),
+    ("parameters", lambda p: model.check_parameters(p[:7] + [np.zeros(10, bool)]),
+     "array 7 (fc2.bias) is bool, expected real numbers (float32)"),
+])
+def test_a_parameter_list_is_refused_naming_its_source_and_what_was_expected(source, call, message):
+    """The whole message: the source (``parameters`` when none is given), the array and the dtype refused.
+
+    Mutation: check_parameters' default source changed ("XXparametersXX", "PARAMETERS").
+    Mutation: set_parameters drops its ``source`` when checking.
+    Mutation: the dtype refusal raised without a message (``ModelFileError(None)``).
+    """
+    with pytest.raises(ModelFileError) as error:
+        call(model.get_parameters(model.new_model(0)))
+    assert str(error.value) == f"{source}: {message}"
+
+
+def test_a_shape_whose_size_overflows_int64_is_still_past_the_byte_limit(tmp_path):
+    """A header declaring (2**32, 2**32) float32 is 2**66 bytes, not the 0 an int64 product wraps to.
+
+    Mutation: byte_limit multiplies the shape in int64 (``np.prod(shape, dtype=None)`` or no dtype).
+    """
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2**32, 2**32)})
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", header.getvalue())
+    with zipfile.ZipFile(path) as archive, pytest.raises(npz.ArrayError) as error:
+        npz.read_member(archive, "x.npy", "x", npz.byte_limit(400, "huge.npz: x"))
+    assert str(error.value) == ("huge.npz: x declares shape (4294967296, 4294967296) of float32 "
+                                "(73,786,976,294,838,206,464 bytes), more than the limit of 400 bytes")
+
+
+def test_the_default_seed_is_zero():
+    """``new_model()`` is ``new_model(0)``: the seed a caller gets without asking.
+
+    Mutation: new_model's default seed changed (1 instead of 0).
+    """
+    default, zero, one = (model.get_parameters(m) for m in (model.new_model(), model.new_model(0), model.new_model(1)))
+    assert all(np.array_equal(a, b) for a, b in zip(default, zero))
+    assert not np.array_equal(default[0], one[0])
+
+
+def test_a_forward_pass_on_real_digits_warns_about_nothing(mnist5k):
+    """Every batch runs this: a deprecation warning here would flood a node's log.
+
+    Mutation: log_softmax without ``dim=1`` (``dim=None`` or dropped), which torch warns about on each call.
+    """
+    images, _ = mnist5k
+    x = torch.from_numpy(images[:8].astype(np.float32)[:, None] / 255)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = model.new_model(0).eval()(x)
+    torch.testing.assert_close(out.exp().sum(1), torch.ones(8))
+
+
+def reference_bytes(count: int, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    """The byte stream random_bytes_like promises: ceil(count / 8) full-range int64 draws, as bytes."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.empty((count + 7) // 8, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+    return draws.view(torch.uint8)[:count], generator
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "transposed", "flat"])
+def test_mask_bytes_fill_the_tensor_in_its_memory_order_from_ceil_n_over_8_draws(layout):
+    """Byte k of the generator's stream lands on the k-th element in memory (NCHW or channels_last; any other
+    layout in row-major order), and the generator advances by exactly ceil(n / 8) 64-bit draws.
+
+    Mutation: random_bytes_like draws one number more when n is a multiple of 8 (``(count + 8) // 8``).
+    Mutation: the channels_last branch taken for other tensors or skipped for channels_last ones (``or`` for
+    ``and``, ``dim() != 4``, ``dim() == 5``, ``is_contiguous()`` for ``not is_contiguous()``).
+    """
+    base = torch.ones(2, 3, 4, 5)
+    x = {"nchw": base, "channels_last": base.contiguous(memory_format=torch.channels_last),
+         "transposed": base.transpose(2, 3), "flat": torch.ones(8, 16)}[layout]
+    generator = torch.Generator().manual_seed(11)
+    got = random_bytes_like(x, generator)
+    want, reference = reference_bytes(x.numel(), 11)
+    in_memory_order = got.permute(0, 2, 3, 1) if layout == "channels_last" else got
+    assert got.shape == x.shape and torch.equal(in_memory_order.reshape(-1), want)
+    assert torch.equal(generator.get_state(), reference.get_state())
+
+
+def test_dropout_with_p_zero_is_the_identity_and_draws_nothing():
+    """``Dropout(0.0)`` in training returns its input itself and leaves the generator where it was.
+
+    Mutation: Dropout.forward masks for ``p >= 0``, drawing random bytes (and copying) for p = 0.
+    """
+    generator = torch.Generator().manual_seed(3)
+    before = generator.get_state()
+    x = torch.rand(4, 128)
+    assert Dropout(0.0).train()(x, generator) is x
+    assert torch.equal(generator.get_state(), before)

@@ -282,3 +282,121 @@ def test_an_unreadable_model_file_says_why(tmp_path, monkeypatch):
     with pytest.raises(ModelFileError) as error:
         model.load_npz(path)
     assert str(error.value) == f"{path}: cannot read model file (Permission denied)"
+
+
+def signaling_nan(count: int) -> np.ndarray:
+    """float64 signaling NaNs: casting them to float32 raises the FPU's 'invalid' flag."""
+    return np.full(count, 0x7FF0000000000001, np.uint64).view(np.float64)
+
+
+@pytest.mark.parametrize("last, message", [
+    (np.full(10, 1e300), "array 7 (fc2.bias) overflows float32 (largest magnitude 1e+300, float32 holds up to 3.4e+38)"),
+    (np.array([0.5] * 9 + [-1e39]),
+     "array 7 (fc2.bias) overflows float32 (largest magnitude 1e+39, float32 holds up to 3.4e+38)"),
+    (signaling_nan(10), "array 7 (fc2.bias) holds 10 non-finite values (NaN or infinity), expected finite weights"),
+])
+def test_float64_weights_that_float32_cannot_hold_are_refused_with_one_clean_error(tmp_path, last, message):
+    """Finite float64 values past float32's range would become infinity: refused, saying the largest magnitude;
+    and the check itself emits no numpy RuntimeWarning on the way (warnings are errors here).
+
+    Mutation: the float32 cast in _check_finite with numpy's 'over' or 'invalid' warnings left on (``None`` or
+    dropped from np.errstate).
+    Mutation: the finiteness test done on the original dtype (``astype(None)``), so 1e300 passes.
+    Mutation: the non-finite branch taken for every float array (``kind == "f" or ...``).
+    Mutation: the largest magnitude not computed (``None``, ``float(None)``, ``np.abs(None)``, ``astype(None)``)
+    or the overflow message dropped.
+    """
+    path = npz_of(tmp_path / "m.npz", members([p.astype(np.float64) for p in params()[:7]] + [last]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ModelFileError) as error:
+            model.load_npz(path)
+    assert str(error.value) == f"{path}: {message}"
+
+
+def test_an_npz_member_is_read_only_as_far_as_its_header_declares(tmp_path):
+    """Bytes after a member's declared data are never read (a member cannot make the node read more).
+
+    Mutation: npz.read_member reads the member to its end (``member.read(None)``) instead of the declared size.
+    """
+    original = params()
+    with zipfile.ZipFile(tmp_path / "m.npz", "w") as archive:
+        for name, array in members(original).items():
+            with archive.open(name, "w") as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+                member.write(b"\0" * 4096)  # trailing bytes no header accounts for
+    for got, want in zip(model.load_npz(tmp_path / "m.npz"), original):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_zip_with_data_pkl_at_its_root_is_a_pth(tmp_path):
+    """``data.pkl`` itself (not only ``<name>/data.pkl``) marks a torch file.
+
+    Mutation: model_file_kind compares the entry with another name ("XXdata.pklXX", "DATA.PKL").
+    """
+    with zipfile.ZipFile(tmp_path / "m.zip", "w") as archive:
+        archive.writestr("data.pkl", b"")
+    assert model.model_file_kind(tmp_path / "m.zip") == "pth"
+
+
+def _rewritten_pth(tmp_path, change) -> str:
+    """A real ``torch.save`` file of the CNN with its ``data.pkl`` replaced by ``change(data.pkl)``."""
+    model.save_pth(params(), tmp_path / "real.pth")
+    with zipfile.ZipFile(tmp_path / "real.pth") as archive:
+        contents = {name: archive.read(name) for name in archive.namelist()}
+    path = tmp_path / "m.pth"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, blob in contents.items():
+            archive.writestr(name, change(blob) if name.endswith("/data.pkl") else blob)
+    return str(path)
+
+
+def test_a_pth_from_a_gpu_node_loads_on_the_cpu(tmp_path):
+    """``torch.save`` of CUDA tensors tags each storage ``cuda:0``; the CPU-only node maps them to the CPU.
+
+    Mutation: load_pth without ``map_location="cpu"`` (``None`` or dropped): torch then refuses CUDA storages.
+    """
+    path = _rewritten_pth(tmp_path, lambda pkl: pkl.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0"))
+    for got, want in zip(model.load_pth(path), params()):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_pth_whose_error_has_no_text_is_named_by_the_error_type(tmp_path):
+    """An empty ``data.pkl`` makes torch's restricted unpickler raise a bare ``EOFError()``.
+
+    Mutation: load_pth always takes the first line of the (empty) text (``... or True``, ``str(None)``): IndexError.
+    Mutation: load_pth names ``type(None)`` instead of the error's type.
+    """
+    path = _rewritten_pth(tmp_path, lambda pkl: b"")
+    with pytest.raises(ModelFileError) as error:
+        model.load_pth(path)
+    assert str(error.value) == f"{path}: not a state_dict that loads with weights_only=True (EOFError)"
+
+
+def test_a_pth_is_loaded_weights_only_even_when_the_environment_asks_otherwise(tmp_path, monkeypatch):
+    """``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns torch's default off, but not an explicit ``weights_only=True``.
+
+    Mutation: load_pth relies on torch's default (``weights_only=None`` or dropped), so the pickle runs.
+    """
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "executed"
+    torch.save({"conv1.weight": Evil(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(ModelFileError) as error:
+        model.load_pth(tmp_path / "evil.pth")
+    assert str(error.value).startswith(f"{tmp_path / 'evil.pth'}: not a state_dict that loads with weights_only=True "
+                                       "(Weights only load failed.")
+    assert not marker.exists()
+
+
+DROP_CACHES = "/proc/sys/vm/drop_caches"  # a regular file that only root may write and nobody may read
+
+
+@pytest.mark.skipif(not os.path.isfile(DROP_CACHES), reason="needs Linux /proc/sys")
+def test_a_model_file_the_node_may_not_open_says_why():
+    """A real EACCES from open(), even as root: the message names the file and the OS's reason, nothing else.
+
+    Mutation: load_npz raises ``ModelFileError(None)``, or shows the whole OSError (``strerror and error``).
+    """
+    with pytest.raises(ModelFileError) as error:
+        model.load_npz(DROP_CACHES)
+    assert str(error.value) == f"{DROP_CACHES}: cannot read model file (Permission denied)"

@@ -105,3 +105,13 @@ def test_the_settings_as_a_dict_are_every_field():
     assert parse_settings({"epochs": 2, "seed": 3}).as_dict() == {
         "epochs": 2, "batch_size": 64, "learning_rate": 1.0, "optimizer": "adadelta", "seed": 3, "precision": "auto",
         "dp_noise_multiplier": None, "dp_max_grad_norm": None, "dp_epsilon": None}
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"seed": None, "epochs": 0}, "epochs"),
+    ({"dp_epsilon": None, "optimizer": "rmsprop"}, "optimizer"),
+])
+def test_a_none_does_not_end_the_checks_of_the_settings_after_it(raw, key):
+    """Mutation: ``continue`` made ``break`` after a None (every setting after it is taken unchecked)."""
+    with pytest.raises(SettingsError, match=f"^setting '{key}' must be "):
+        parse_settings(raw)

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -18,8 +19,9 @@ import pytest
 from conftest import shards_fingerprint
 from hostile import HEADER, b64_raw, rows, write_lines
 
-from mnist_edge import data
+from mnist_edge import data, shards
 from mnist_edge.data import DataError
+from mnist_edge.shards.hashing import BackgroundSha256
 
 
 def test_an_unclosed_quote_is_one_bad_row_not_a_silent_merge(tmp_path, mnist5k):
@@ -83,6 +85,23 @@ def test_an_image_id_beyond_64_bits_is_a_bad_row_and_the_extremes_are_kept(tmp_p
         (6, "image_id", "image_id '90000000000000000007' does not fit in 64 bits"),
     ]
 
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_line_of_exactly_the_limit_is_a_row_and_one_byte_more_is_not(tmp_path, mnist5k, fast):
+    """Both lines quote their location, so whichever path reads the file, the general reader judges them.
+
+    Mutation: ``>=`` for ``>`` at the line limit; the bad row's line number or reason lost.
+    """
+    images, labels = mnist5k
+    row = f"7,{labels[0]},{b64_raw(images[0])},,,"
+    pad = shards.MAX_LINE_BYTES - len(row) - 2  # two quote characters
+    lines = [HEADER, f'{row}"{"y" * pad}"', f'{row}"{"y" * (pad + 1)}"', f"8,{labels[1]},{b64_raw(images[1])},,,"]
+    assert [len(line) for line in lines[1:3]] == [shards.MAX_LINE_BYTES, shards.MAX_LINE_BYTES + 1]
+    shard = data.read_shard(write_lines(tmp_path / "s.csv", lines), fast=fast)
+    assert shard.image_ids.tolist() == [7, 8]
+    assert [(b.line, b.column, b.reason) for b in shard.bad_rows] == [
+        (3, None, f"line is longer than {shards.MAX_LINE_BYTES} bytes, the limit for one row")]
 
 def test_a_required_column_twice_is_refused(tmp_path, mnist5k):
     images, labels = mnist5k
@@ -177,6 +196,24 @@ def test_the_fingerprint_is_of_the_bytes_trained_on(tmp_path, mnist5k):
     files[0].write_text(quoted)
     assert data.load_split(tmp_path, "train").fingerprint == shards_fingerprint(files)
 
+
+
+def test_a_hashing_error_is_raised_by_hexdigest_and_never_stalls_the_reader():
+    """Mutation: the worker forgets its error (hexdigest returns the hash of part of the data), or stops
+    taking blocks after it (the reader's next ``update`` calls block for good once the queue is full)."""
+    digest = BackgroundSha256(depth=2)
+    fed = threading.Event()
+
+    def feed() -> None:
+        digest.update("not bytes")  # hashlib refuses a str: the worker's update raises TypeError
+        for _ in range(10):
+            digest.update(b"x" * 10)
+        fed.set()
+
+    threading.Thread(target=feed, daemon=True).start()
+    assert fed.wait(30), "update blocked: the worker stopped taking blocks after its error"
+    with pytest.raises(TypeError, match="Strings must be encoded before hashing"):
+        digest.hexdigest()
 
 # -- unreadable directories (as root, only without CAP_DAC_OVERRIDE) -----------------------------------
 

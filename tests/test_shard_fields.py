@@ -7,6 +7,9 @@ Every message here reaches the server, so each is held whole; none quotes an ima
 from __future__ import annotations
 
 import base64
+import binascii
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from hostile import HEADER, b64_raw, png_bytes, png_claiming, write_lines
 
 from mnist_edge import data, shards
 from mnist_edge.data import DataError
+from mnist_edge.shards import codecs
+from mnist_edge.shards.codecs import PNG_MAGIC
 
 
 @pytest.mark.parametrize("row, column", [
@@ -28,6 +33,7 @@ from mnist_edge.data import DataError
     ('7,3,IMG,,,,"z', "column 7"),  # past the header's columns
 ])
 def test_a_quoting_error_names_the_column_it_is_in(tmp_path, mnist5k, row, column):
+    """Mutation: ``_bad_quote_field`` blames another field (its quote and comma bookkeeping changed)."""
     images, labels = mnist5k
     image = b64_raw(images[0])
     shard = data.read_shard(write_lines(tmp_path / "s.csv", [HEADER, row.replace("IMG", image), f"1,2,{image},,,"]))
@@ -101,3 +107,134 @@ def test_images_are_encoded_raw_unless_png_is_asked_for(mnist5k):
     with pytest.raises(ValueError) as error:
         shards.encode_image(images[0], "jpeg")
     assert str(error.value) == "image format must be 'raw' or 'png', got 'jpeg'"
+
+
+# -- messages held whole, and the columns they name (mutation survivors, issue 15) -------------------
+
+@pytest.mark.parametrize("row, reason", [
+    ('7,3,IMG,,,"lab', ("location: malformed CSV quoting (unexpected end of data; a quote opened in this field "
+                        "is not closed on this line)")),
+    ('"7"x,3,IMG,,,', "image_id: malformed CSV quoting (',' expected after '\"')"),
+])
+def test_a_quoting_error_says_what_csv_saw_and_hints_only_at_an_open_quote(tmp_path, mnist5k, row, reason):
+    """Mutation: the unclosed-quote hint always added, or its text (or the empty one) changed."""
+    images, _ = mnist5k
+    shard = data.read_shard(write_lines(tmp_path / "s.csv", [HEADER, row.replace("IMG", b64_raw(images[0]))]))
+    assert [(b.line, b.reason) for b in shard.bad_rows] == [(2, reason)]
+
+
+def test_a_doubled_quote_inside_a_quoted_field_does_not_move_the_blame(tmp_path, mnist5k):
+    """Mutation: ``_bad_quote_field`` misreads a doubled quote (slice bounds, step, ``continue``)."""
+    images, _ = mnist5k
+    row = f'7,3,{b64_raw(images[0])},"""","x'  # start_datetime is one quote character; end_datetime never closes
+    shard = data.read_shard(write_lines(tmp_path / "s.csv", [HEADER, row]))
+    assert [(b.line, b.column) for b in shard.bad_rows] == [(2, "end_datetime")]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_each_bad_row_names_the_column_it_failed_in(tmp_path, mnist5k, fast):
+    """Mutation: the column recorded for a bad label or image is another name (or None); a short row's line lost."""
+    images, labels = mnist5k
+    image = b64_raw(images[0])
+    lines = [HEADER, f"x,3,{image},,,", f"7,a,{image},,,", "7,3,AAAA,,,", "7,3", f"8,{labels[1]},{b64_raw(images[1])},,,"]
+    shard = data.read_shard(write_lines(tmp_path / "s.csv", lines), fast=fast)
+    assert shard.image_ids.tolist() == [8]
+    assert [(b.line, b.column, b.reason) for b in shard.bad_rows] == [
+        (2, "image_id", "image_id 'x' is not an integer"),
+        (3, "label", "label 'a' is not an integer 0-9"),
+        (4, "image", "image has 3 bytes, expected 784 raw bytes (28x28) or a PNG"),
+        (5, None, "row has 2 fields, expected at least 3"),
+    ]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_row_with_exactly_the_header_columns_is_kept(tmp_path, mnist5k, fast):
+    """Mutation: ``len(fields) <= width`` in ``add_fields``: a row of exactly image_id,label,image is skipped."""
+    images, labels = mnist5k
+    lines = ["image_id,label,image", f"7,{labels[0]},{b64_raw(images[0])}", f'"8",{labels[1]},{b64_raw(images[1])}']
+    shard = data.read_shard(write_lines(tmp_path / "s.csv", lines), fast=fast)
+    assert shard.rows_skipped == 0 and shard.image_ids.tolist() == [7, 8]
+    np.testing.assert_array_equal(shard.images, images[:2])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_signed_id_or_label_is_a_number(tmp_path, mnist5k, fast):
+    """Mutation: ``parse_int`` drops two characters after a sign, or no longer knows ``+``."""
+    images, _ = mnist5k
+    lines = [HEADER, f"+5,+4,{b64_raw(images[0])},,,", f"-3,3,{b64_raw(images[1])},,,", f"+12,-0,{b64_raw(images[2])},,,"]
+    shard = data.read_shard(write_lines(tmp_path / "s.csv", lines), fast=fast)
+    assert shard.rows_skipped == 0
+    assert (shard.image_ids.tolist(), shard.labels.tolist()) == ([5, -3, 12], [4, 3, 0])
+
+
+@pytest.mark.parametrize("label, reason", [
+    ("0" * 18 + "12", "label 12 is out of range 0-9"),  # 20 characters: short enough to show
+    ("0" * 19 + "12", "label of 21 characters is out of range 0-9"),
+    (" " + "0" * 19 + "12 ", "label of 21 characters is out of range 0-9"),  # measured without its spaces
+])
+def test_an_out_of_range_label_is_shown_only_when_short(tmp_path, mnist5k, label, reason):
+    """Mutation: the value always shown (a 4,000-digit label in a message), ``<`` for ``<=``, or describe(None)."""
+    images, _ = mnist5k
+    shard = data.read_shard(write_lines(tmp_path / "s.csv", [HEADER, f"7,{label},{b64_raw(images[0])},,,"]))
+    assert [(b.line, b.column, b.reason) for b in shard.bad_rows] == [(2, "label", reason)]
+
+
+def _chunk(kind: bytes, body: bytes, crc: int | None = None) -> bytes:
+    """One PNG chunk (CRC computed unless given)."""
+    crc = zlib.crc32(kind + body) if crc is None else crc
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
+def _ihdr(width: int, height: int, depth: int = 8) -> bytes:
+    return struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
+
+
+def _decode_error(blob: bytes) -> str:
+    with pytest.raises(ValueError) as error:
+        shards.decode_image(base64.b64encode(blob).decode())
+    return str(error.value)
+
+
+def test_a_png_whose_first_chunk_is_not_a_13_byte_ihdr_is_refused(mnist5k):
+    """Mutation: ``and`` for ``or`` in ``png_header``: a wrong chunk name or a wrong length alone passes."""
+    images, _ = mnist5k
+    after = png_bytes(images[0])[len(PNG_MAGIC) + 25 :]  # the real image's chunks after its IHDR
+    wrong_name = PNG_MAGIC + _chunk(b"IHDX", _ihdr(28, 28)) + after
+    wrong_length = PNG_MAGIC + _chunk(b"IHDR", _ihdr(28, 28) + b"\x00") + after
+    for blob in (wrong_name, wrong_length):
+        assert _decode_error(blob) == "image is not a decodable PNG (no IHDR header)"
+
+
+def test_a_second_ihdr_that_pillow_reads_is_held_to_ours(mnist5k):
+    """Pillow reads the last IHDR, we read the first: a later one claiming another size or depth is refused.
+
+    Mutation: the size message garbled (None, a swapped or missing index); the 16-bit scale taken
+    from our header's depth (8 here) instead of refusing: gray levels silently clipped at 255.
+    """
+    images, _ = mnist5k
+    wide = np.linspace(0, 65535, 784).round().astype(np.uint16).reshape(28, 28)
+    sixteen = png_bytes(wide)
+    larger = PNG_MAGIC + _chunk(b"IHDR", _ihdr(28, 28)) + _chunk(b"IHDR", _ihdr(30, 40)) + png_bytes(images[0])[33:]
+    assert _decode_error(larger) == "PNG is 30x40, expected 28x28"
+    deeper = PNG_MAGIC + _chunk(b"IHDR", _ihdr(28, 28, depth=8)) + sixteen[len(PNG_MAGIC) :]
+    assert _decode_error(deeper) == "image is not a decodable PNG (its IHDR chunks disagree)"
+    assert shards.decode_image(base64.b64encode(sixteen).decode()).dtype == np.uint8  # the real 16-bit PNG
+
+
+def test_a_blob_with_the_png_signature_is_only_ever_read_as_a_png():
+    """A broken PNG is refused even where another Pillow plugin (PhotoCD: ``PCD_`` at byte 2048) reads it.
+
+    Mutation: ``Image.open`` without ``formats=["PNG"]``: Pillow tries every format on the blob.
+    """
+    blob = PNG_MAGIC + _chunk(b"IHDR", _ihdr(28, 28), crc=0)  # a bad checksum: the PNG plugin gives up
+    blob += bytes(2048 - len(blob)) + b"PCD_" + bytes(2048)
+    assert _decode_error(blob) == "image is not a decodable PNG (UnidentifiedImageError)"
+
+
+@pytest.mark.parametrize("text", [b"AAAA!", b"AA==AAAA"])
+def test_the_stdlib_fallback_decoder_is_as_strict_as_pybase64(text):
+    """Mutation: ``strict_mode`` dropped from the fallback: a bad character is skipped, data after padding kept."""
+    for decode in (codecs.b64decode_strict, codecs.stdlib_b64decode_strict):
+        with pytest.raises(binascii.Error):
+            decode(text)
+    assert codecs.stdlib_b64decode_strict(b"AAAA") == codecs.b64decode_strict(b"AAAA") == b"\x00\x00\x00"

@@ -154,3 +154,38 @@ def test_the_property_sees_a_disagreement(base_rows, tmp_path):
     general = outcome(path, fast=False, labels_required=True)
     assert general[3] == 1 and general[4][0].reason == "label 10 is out of range 0-9"
     assert outcome(path, fast=True, labels_required=True) == general
+
+
+
+@pytest.mark.parametrize("body_break", [False, True], ids=["decoded-in-one-call", "lookup-table"])
+@pytest.mark.parametrize("at, char, reason", [
+    (1044, "!", "image is not valid base64 (Only base64 data is allowed)"),
+    (1045, "=", ("image is not valid base64 (Invalid base64-encoded string: number of data characters (1045) "
+                 "cannot be 1 more than a multiple of 4)")),
+    (1046, "A", "image has 785 bytes, expected 784 raw bytes (28x28) or a PNG"),
+    (1047, "A", "image is not valid base64 (Discontinuous padding not allowed)"),
+])
+def test_a_raw_image_broken_in_its_last_four_characters_is_a_bad_row_on_both_paths(base_rows, tmp_path, at, char,
+                                                                                   reason, body_break):
+    """The fast path checks the last quad (``xy==``) apart from the body; a break there is not a raw image.
+
+    With ``body_break`` another row's body is all invalid characters, so the block is decoded by the
+    lookup table instead of the one-call decoder, and both breaks must still be found.
+
+    Mutation: in ``decode_raw_b64`` ``|`` for ``&``, ``!= 256`` for ``!= 255``, only the last ``=`` checked,
+    the lookup table's ``ok &=`` made ``ok =`` or its ``!=`` made ``==``: the fast path keeps a broken row.
+    """
+    raw = [row for row in base_rows if len(row[2]) == 1048][:8]
+    assert raw[3][2][-2:] == "=="
+    lines = [",".join(row) for row in raw]
+    lines[3] = mutate(raw[3], "char", (at, char))
+    expected = [(5, "image", reason)]
+    if body_break:
+        lines[5] = ",".join([*raw[5][:2], "!" * 1044 + raw[5][2][-4:], *raw[5][3:]])
+        expected.append((7, "image", "image is not valid base64 (Only base64 data is allowed)"))
+    path = tmp_path / "s.csv"
+    path.write_text("\n".join([HEADER, *lines]) + "\n")
+    general = outcome(path, fast=False, labels_required=True)
+    assert general[0] == [int(row[0]) for k, row in enumerate(raw) if k != 3 and not (body_break and k == 5)]
+    assert [(b.line, b.column, b.reason) for b in general[4]] == expected
+    assert outcome(path, fast=True, labels_required=True) == general

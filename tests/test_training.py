@@ -111,3 +111,54 @@ def test_predict_on_no_images_is_empty(trained_net):
     assert predicted.shape == confidence.shape == (0,)
     assert predicted.dtype == np.int64 and confidence.dtype == np.float32
     assert training.evaluate(trained_net, np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), CPU) == (0.0, 0.0)
+
+
+META = torch.device("meta")
+
+
+@pytest.mark.parametrize("run, error, message", [
+    (lambda net, images, labels: training.evaluate(net, images, labels, META),
+     RuntimeError, "Tensor.item() cannot be called on meta tensors"),
+    (lambda net, images, labels: training.predict(net, images, META),
+     NotImplementedError, "Cannot copy out of meta tensor; no data!"),
+], ids=["evaluate", "predict"])
+def test_evaluate_and_predict_compute_on_the_device_they_are_given(mnist5k, run, error, message):
+    """The meta device stands in for a GPU on a CPU-only machine: the net, the images and the labels
+    all go there, and only reading a number back fails (a meta tensor holds no data).
+
+    Mutation: the device given is dropped (``device = None``), replaced by ``device and
+    select_device()``, not passed to the batches (``_outputs(..., None, ...)``), or the labels are
+    left on the CPU (``.to(None)``): the batch is computed on the CPU, or the loss fails on mixed devices.
+    """
+    images, labels = mnist5k
+    net = model.new_model(0)
+    inputs = []
+    net.register_forward_pre_hook(lambda module, args: inputs.append(args[0].device))
+    with pytest.raises(error) as raised:
+        run(net, images[:3], labels[:3])
+    assert str(raised.value) == message
+    assert inputs == [META] and {p.device for p in net.parameters()} == {META}
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int16, np.uint8])
+def test_evaluate_takes_labels_of_any_integer_type(trained_net, mnist5k, dtype):
+    """numpy's default integer is int32 on Windows; torch's loss takes int64 (or uint8) targets only.
+
+    Mutation: the labels not converted to int64 (``dtype=None`` or no dtype): int32 labels fail in torch.
+    """
+    images, labels = mnist5k
+    pick = np.random.default_rng(3).permutation(len(labels))[:50]
+    expected = training.evaluate(trained_net, images[pick], labels[pick], CPU)
+    assert training.evaluate(trained_net, images[pick], labels[pick].astype(dtype), CPU) == expected
+
+
+def test_the_loss_and_accuracy_of_one_image_are_that_images_own(trained_net, mnist5k):
+    """Mutation: the mean divides by at least 2 instead of at least 1 (one image's loss and accuracy halved)."""
+    images, labels = mnist5k
+    pick = np.random.default_rng(4).permutation(len(labels))[:20]
+    reference = reference_outputs(trained_net, images[pick])
+    right = int(np.flatnonzero(reference.argmax(1).numpy() == labels[pick])[0])  # one the net gets right
+    one = pick[right : right + 1]
+    loss, accuracy = training.evaluate(trained_net, images[one], labels[one], CPU)
+    assert accuracy == 1.0
+    assert loss == pytest.approx(-reference[right, labels[one[0]]].item(), rel=1e-4)

@@ -180,3 +180,100 @@ def test_cpu_features_come_from_torch_or_from_its_older_x86_checks(monkeypatch):
         assert hardware._cpu_features() == {"avx512_bf16": avx512, "amx_bf16": amx}
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert hardware._cpu_features() == {"avx512_bf16": False, "amx_bf16": False}
+
+
+def test_the_same_seed_trains_the_same_weights_whatever_the_label_type(mnist5k):
+    """Mutations: the shuffle or the dropout masks not drawn from the seed (``randperm`` without the
+    seeded generator, ``BatchGradient(..., None)``), or labels not made int64 (int32 labels fail in torch)."""
+    images, labels = mnist5k
+    pick = np.random.default_rng(6).permutation(len(labels))[:64]
+
+    def weights(seed: int, label_type=np.int64) -> list[np.ndarray]:
+        net = model.new_model(0)
+        training.train(net, images[pick], labels[pick].astype(label_type),
+                       parse_settings({"batch_size": 16, "seed": seed, "precision": "fp32"}), device=CPU)
+        return model.get_parameters(net)
+
+    first = weights(3)
+    assert all(np.array_equal(a, b) for a, b in zip(first, weights(3, np.int32)))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, weights(4)))
+
+
+@pytest.mark.parametrize("count, batch_size", [(130, 2), (1, 1)])
+def test_the_reported_loss_and_accuracy_are_those_of_the_batches(mnist5k, monkeypatch, count, batch_size):
+    """Each batch's summed loss and correct count, as the update step returned them, recorded; the
+    metrics and the result must be their float64 sums over the window or the epoch, divided by its images.
+
+    Mutations: a window sum replaced by the last batch's (``=`` for ``+=``) or subtracted, a float32
+    window sum, a window that ends at ``>`` instead of ``>=`` (the last partial window lost), a mean
+    over at least 2 images (one image's loss halved).
+    """
+    images, labels = mnist5k
+    pick = np.random.default_rng(5).permutation(len(labels))[:count]
+    steps: list[tuple[float, int, int]] = []
+    real_step = training.train_step
+
+    def recording(gradient, optimizer, x, y):
+        loss_sum, correct = real_step(gradient, optimizer, x, y)
+        steps.append((float(loss_sum.double()), int(correct), len(y)))
+        return loss_sum, correct
+
+    net = model.new_model(0)
+    if count == 1:  # a net taught "0" on 256 zeros gets a 0 right: its accuracy is 1, not 0 whatever the divisor
+        assert set(labels[:301]) == {0}
+        training.train(net, images[:256], labels[:256], parse_settings({"batch_size": 32, "seed": 0}), device=CPU)
+        pick = np.array([300])
+    monkeypatch.setattr(training, "train_step", recording)
+    metrics = []
+    result = training.train(net, images[pick], labels[pick],
+                            parse_settings({"batch_size": batch_size, "seed": 2, "precision": "fp32"}),
+                            on_metrics=metrics.append, device=CPU)
+    windows = [steps[:50], steps[50:]] if len(steps) > 50 else [steps]
+    sums = [(sum(loss for loss, _, _ in w), sum(c for _, c, _ in w), sum(n for _, _, n in w)) for w in windows]
+    expected = [{"training_loss": loss / n, "training_accuracy": c / n} for loss, c, n in sums[:-1]]
+    loss, correct = sum(s[0] for s in sums), sum(s[1] for s in sums)
+    expected.append({"training_loss": loss / count, "training_accuracy": correct / count})
+    assert [m.keys() for m in metrics] == [e.keys() for e in expected]
+    for m, e in zip(metrics, expected):
+        assert m["training_loss"] == pytest.approx(e["training_loss"], rel=1e-12)
+        assert m["training_accuracy"] == e["training_accuracy"]
+    assert (result.training_loss, result.training_accuracy) == (metrics[-1]["training_loss"],
+                                                                metrics[-1]["training_accuracy"])
+    assert count > 1 or steps[0][1] == 1
+
+
+def test_a_loss_that_stops_being_finite_during_training_is_named_with_its_batch(mnist5k):
+    """Batch 1 sends the weights to inf, so batch 2's loss is NaN: the window ending there names it.
+
+    Mutation: the window's image count or the batch number not passed to the check (a TypeError or
+    "at batch None" instead of this message).
+    """
+    images, labels = mnist5k
+    pick = np.random.default_rng(0).permutation(len(labels))[:64]
+    net = model.new_model(0)
+    with torch.no_grad():
+        net.fc2.weight.mul_(1e37)
+    settings = parse_settings({"optimizer": "sgd", "learning_rate": 1000, "batch_size": 32, "seed": 1,
+                               "precision": "fp32"})
+    with pytest.raises(TrainingDiverged) as error:
+        training.train(net, images[pick], labels[pick], settings, device=CPU)
+    assert str(error.value) == f"training diverged (loss nan at batch 2); {ADVICE}"
+
+
+def test_training_on_the_cpu_keeps_freed_memory_and_computes_in_channels_last(mnist5k):
+    """README "Performance": glibc keeps freed buffers, and the convolutions run on channels_last weights.
+
+    Mutations: the allocator set-up skipped on the CPU (``device.type != "cpu"``), the net moved
+    without its memory format (``net.to(device)``, ``memory_format=None``), or ``memory_format_for``
+    choosing channels_last nowhere or everywhere (a GPU measured no gain from it).
+    """
+    images, labels = mnist5k
+    layouts = []
+    net = model.new_model(0)
+    net.conv2.register_forward_pre_hook(  # conv1 has one input channel: both layouts are the same there
+        lambda module, args: layouts.append(module.weight.is_contiguous(memory_format=torch.channels_last)))
+    hardware.keep_freed_memory.cache_clear()
+    training.train(net, images[:8], labels[:8], parse_settings({"batch_size": 8, "precision": "fp32"}), device=CPU)
+    assert hardware.keep_freed_memory.cache_info().currsize == 1
+    assert layouts == [True] and net.conv2.weight.is_contiguous()
+    assert hardware.memory_format_for(torch.device("cuda")) == torch.contiguous_format  # a device name, no GPU needed

@@ -77,8 +77,10 @@ def decode_png(blob: bytes) -> np.ndarray:
                 raise ValueError(f"PNG is {image.size[0]}x{image.size[1]}, expected 28x28")
             image.load()
             if image.mode in _SIXTEEN_BIT_GRAY_MODES:  # Pillow's convert("L") would clip to 0/255
+                if depth != 16:  # Pillow read a later IHDR than ours: refuse it, as a size mismatch
+                    raise ValueError("image is not a decodable PNG (its IHDR chunks disagree)")
                 wide = np.asarray(image, dtype=np.uint32)
-                scale = 65535 if depth == 16 else 255
+                scale = 65535
                 return ((np.clip(wide, 0, scale) * 255 + scale // 2) // scale).astype(np.uint8)
             return np.asarray(image.convert("L"), dtype=np.uint8)
     except ValueError:
