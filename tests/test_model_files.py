@@ -242,7 +242,15 @@ def test_a_zip_declaring_more_than_a_model_can_need_is_refused_unread(tmp_path):
                                     f"{model.MAX_MODEL_BYTES:,} a model of this CNN can need")
 
 
-def test_a_pth_that_needs_more_than_weights_is_refused_without_running_it(tmp_path):
+@pytest.mark.parametrize("force_no_weights_only", [False, True])
+def test_a_pth_that_needs_more_than_weights_is_refused_without_running_it(tmp_path, monkeypatch, force_no_weights_only):
+    """Refused, and the pickle never runs, even where ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns
+    torch's default off (an explicit ``weights_only=True`` still holds).
+
+    Mutation: load_pth relies on torch's default (``weights_only=None`` or dropped), so the pickle runs.
+    """
+    if force_no_weights_only:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "executed"
     torch.save({"conv1.weight": Evil(marker)}, tmp_path / "evil.pth")
     with pytest.raises(ModelFileError) as error:
@@ -373,19 +381,6 @@ def test_a_pth_whose_error_has_no_text_is_named_by_the_error_type(tmp_path):
     assert str(error.value) == f"{path}: not a state_dict that loads with weights_only=True (EOFError)"
 
 
-def test_a_pth_is_loaded_weights_only_even_when_the_environment_asks_otherwise(tmp_path, monkeypatch):
-    """``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns torch's default off, but not an explicit ``weights_only=True``.
-
-    Mutation: load_pth relies on torch's default (``weights_only=None`` or dropped), so the pickle runs.
-    """
-    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    marker = tmp_path / "executed"
-    torch.save({"conv1.weight": Evil(marker)}, tmp_path / "evil.pth")
-    with pytest.raises(ModelFileError) as error:
-        model.load_pth(tmp_path / "evil.pth")
-    assert str(error.value).startswith(f"{tmp_path / 'evil.pth'}: not a state_dict that loads with weights_only=True "
-                                       "(Weights only load failed.")
-    assert not marker.exists()
 
 
 DROP_CACHES = "/proc/sys/vm/drop_caches"  # a regular file that only root may write and nobody may read
