@@ -266,3 +266,26 @@ def test_an_unreadable_train_split_fails_naming_it(node_dir, tmp_path):
     finally:
         (node_dir / "train").chmod(0o755)
     assert result.stdout.strip() == f"{node_dir / 'train'}: cannot list directory (Permission denied)", result.stderr
+
+
+@pytest.mark.parametrize("capacity", [10, 4000])
+def test_a_full_builder_grows_by_half_plus_1024_rows_and_keeps_its_rows(tmp_path, mnist5k, capacity):
+    """Reserving only the room left reallocates nothing; one row more grows the arrays geometrically
+    (1.5x + 1024 rows, so a shard far bigger than its estimate costs few reallocations), rows intact.
+
+    Mutation: ``needed >= len`` for ``>`` in ``ShardBuilder.reserve`` (grows when full to the brim), or
+    ``* 4 // 2``, ``* 3 // 3``, ``- 1024``, ``+ 1025`` in its new capacity.
+    """
+    images, labels = mnist5k
+    builder = shards.rows.ShardBuilder(tmp_path / "s.csv", capacity, (0, 1, 2), ["image_id", "label", "image"], True)
+    n = min(capacity, len(labels))
+    builder.append(images[:n].reshape(n, -1), np.arange(n), labels[:n].astype(np.int64))
+    builder.reserve(capacity - n)
+    assert len(builder.labels) == len(builder.image_ids) == len(builder.images) == capacity
+    builder.reserve(capacity - n + 1)
+    assert len(builder.labels) == len(builder.image_ids) == len(builder.images) == capacity * 3 // 2 + 1024
+    builder.append(images[n : n + 1].reshape(1, -1), np.array([n]), labels[n : n + 1].astype(np.int64))
+    shard = builder.finish("0" * 64)
+    assert shard.image_ids.tolist() == list(range(n + 1))
+    np.testing.assert_array_equal(shard.images, images[: n + 1])
+    np.testing.assert_array_equal(shard.labels, labels[: n + 1])

@@ -189,3 +189,76 @@ def test_a_raw_image_broken_in_its_last_four_characters_is_a_bad_row_on_both_pat
     assert general[0] == [int(row[0]) for k, row in enumerate(raw) if k != 3 and not (body_break and k == 5)]
     assert [(b.line, b.column, b.reason) for b in general[4]] == expected
     assert outcome(path, fast=True, labels_required=True) == general
+
+
+@pytest.mark.parametrize("last_byte", [1, 0x5A, 0xA5, 0xFF])
+def test_the_last_pixel_of_a_raw_image_is_decoded_exactly_on_both_paths(mnist5k, tmp_path, last_byte):
+    """Real MNIST images end in a 0 pixel, so this sets the last byte to show the fast path's last-quad decode.
+
+    Mutation: in ``decode_raw_b64``'s last pixel ``&`` for ``|``, ``>> 2`` / ``<< 3`` for ``<< 2``,
+    ``last[:, 1]`` for ``last[:, 0]``, ``<< 4`` / ``>> 5`` for ``>> 4``: the kept image's last pixel is wrong.
+    """
+    images, labels = mnist5k
+    pixels = images[:3].reshape(3, -1).copy()
+    assert (pixels[:, -1] == 0).all()
+    pixels[:, -1] = [last_byte, 0, 255 - last_byte]
+    lines = [f"{10 + k},{labels[k]},{base64.b64encode(pixels[k].tobytes()).decode()},,," for k in range(3)]
+    path = tmp_path / "s.csv"
+    path.write_text("\n".join([HEADER, *lines]) + "\n")
+    for fast in (True, False):
+        shard = shards.read_shard(path, fast=fast)
+        assert shard.rows_skipped == 0
+        assert shard.images.reshape(3, -1).tobytes() == pixels.tobytes()
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("id", "1:", "image_id '1:' is not an integer"),
+    ("id", ":", "image_id ':' is not an integer"),
+    ("label", ":", "label ':' is not an integer 0-9"),
+])
+def test_the_byte_after_9_is_not_a_digit_on_the_fast_path(base_rows, tmp_path, field, value, reason):
+    """':' is the ASCII byte after '9': a digit check off by one would read it as a digit worth 10.
+
+    Mutation: ``digits <= 10`` for ``digits <= 9`` in ``_digits`` or ``_labels``: the fast path keeps
+    the row with image_id 20 (or 10) or label 10.
+    """
+    raw = [row for row in base_rows if len(row[2]) == 1048][:4]
+    lines = [",".join(row) for row in raw]
+    lines[1] = mutate(raw[1], field, value)
+    path = tmp_path / "s.csv"
+    path.write_text("\n".join([HEADER, *lines]) + "\n")
+    general = outcome(path, fast=False, labels_required=True)
+    column = "image_id" if field == "id" else "label"
+    assert [(b.line, b.column, b.reason) for b in general[4]] == [(3, column, reason)]
+    assert general[0] == [int(raw[k][0]) for k in (0, 2, 3)]
+    assert outcome(path, fast=True, labels_required=True) == general
+
+
+@pytest.mark.parametrize("header, short, after, reason", [
+    ("image_id,note,label,image", "5,x", "6,4,{img1},{img2}", "row has 2 fields, expected at least 4"),
+    ("note,image,image_id,label", "m,{img1},5", None, "row has 3 fields, expected at least 4"),
+], ids=["borrows-from-the-next-line", "last-line-one-field-short"])
+def test_a_short_line_is_a_bad_row_on_the_fast_path_too(mnist5k, tmp_path, header, short, after, reason):
+    """A line with too few commas must not be given fields it does not have.
+
+    Borrowing: with an unchecked column between image_id and label, the field that crosses the newline
+    is that column, so only the comma count keeps ``5,x`` from taking the next line's label and image.
+    One short, last in its block: its missing label would be read as its image_id field again (``5``).
+
+    Mutation: ``count = searchsorted(commas, ends) + first`` (borrowing) or ``count >= width - 2``
+    (one short) in ``FastLines.add``: the fast path keeps the short line.
+    """
+    images, labels = mnist5k
+    img = {f"img{k}": b64_raw(images[k]) for k in range(3)}
+    first = "1,n,{label},{img0}" if header.startswith("image_id") else "n,{img0},1,{label}"
+    lines = [header, first.format(label=labels[0], **img), short.format(**img)]
+    expected = [(3, None, reason)]
+    if after is not None:
+        lines.append(after.format(**img))
+        expected.append((4, "label", "label of 1048 characters is not an integer 0-9"))
+    path = tmp_path / "s.csv"
+    path.write_text("\n".join(lines) + "\n")
+    general = outcome(path, fast=False, labels_required=True)
+    assert general[0] == [1] and general[1] == [labels[0]]
+    assert [(b.line, b.column, b.reason) for b in general[4]] == expected
+    assert outcome(path, fast=True, labels_required=True) == general
