@@ -27,13 +27,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
-import json
 import os
 import tempfile
 import time
-import uuid
-import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -78,16 +74,6 @@ def callback_parts(client, timer: PartTimer, incoming, settings: dict) -> dict[s
     return {**timer.seconds, "other": total - sum(timer.seconds.values()), "total": total}
 
 
-def stored_npz(params: list[np.ndarray]) -> bytes:
-    """The npz uncompressed: for the builder that leaves the one deflate to the client's re-id."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for index, array in enumerate(params):
-            with archive.open(f"{index}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
 class Level1Helper(NumpyHelper):
     """The stock numpyhelper writing the level-1 npz: this package's first update."""
 
@@ -96,21 +82,10 @@ class Level1Helper(NumpyHelper):
         return path
 
 
-def stored_container(params: list[np.ndarray]) -> ScaleoutModel:
-    """An uncompressed npz stored in the container: built in no time, deflated once by the client's re-id."""
-    container = io.BytesIO()
-    with zipfile.ZipFile(container, "w") as archive:
-        metadata = {"model_id": str(uuid.uuid4()), "helper_type": edge.HELPER.name}
-        archive.writestr(edge.CONTAINER_METADATA, json.dumps(metadata), zipfile.ZIP_DEFLATED)
-        archive.writestr(edge.CONTAINER_TRAINING_MODEL, stored_npz(params), zipfile.ZIP_STORED)
-    container.seek(0)
-    return ScaleoutModel.from_stream(container)
-
-
 BUILDERS: dict[str, Callable[[list[np.ndarray]], ScaleoutModel]] = {
     "from_training_model, stock numpyhelper": lambda p: ScaleoutModel.from_training_model(p, edge.HELPER),
     "from_training_model, level-1 npz": lambda p: ScaleoutModel.from_training_model(p, Level1Helper()),
-    "uncompressed npz stored, the client's re-id deflates": stored_container,
+    "uncompressed npz stored, the client's re-id deflates": lambda p: edge.to_scaleout_model(p, level=None),
     "edge.to_scaleout_model (level-1 npz stored as it is)": edge.to_scaleout_model,
 }
 

@@ -98,27 +98,32 @@ CONTAINER_TRAINING_MODEL = "training_model.bin"
 UPDATE_NPZ_LEVEL = 1
 
 
-def update_npz(params: list[np.ndarray]) -> bytes:
+def update_npz(params: list[np.ndarray], level: int | None = UPDATE_NPZ_LEVEL) -> bytes:
     """The numpyhelper's npz (members ``0.npy``, ``1.npy``, ...) deflated at level 1, not 6.
 
     Float32 weights barely compress beyond what level 1 finds: the same size in less time, and
-    the server's and combiner's stock numpyhelper load it unchanged.
+    the server's and combiner's stock numpyhelper load it unchanged. ``level=None`` stores the
+    members uncompressed (measured against this in ``bench/round_overhead.py``).
     """
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=UPDATE_NPZ_LEVEL) as npz:
+    compression = zipfile.ZIP_STORED if level is None else zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(buffer, "w", compression, compresslevel=level) as npz:
         for index, array in enumerate(params):
             with npz.open(f"{index}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
     return buffer.getvalue()
 
 
-def to_scaleout_model(params: list[np.ndarray]) -> ScaleoutModel:
-    """The update as a ScaleoutModel (helper ``numpyhelper``, a fresh model id), compressed once."""
+def to_scaleout_model(params: list[np.ndarray], level: int | None = UPDATE_NPZ_LEVEL) -> ScaleoutModel:
+    """The update as a ScaleoutModel (helper ``numpyhelper``, a fresh model id), compressed once.
+
+    The npz (``update_npz`` at ``level``) goes into the client's container as it is.
+    """
     container = io.BytesIO()
     with zipfile.ZipFile(container, "w") as archive:
         metadata = {"model_id": str(uuid.uuid4()), "helper_type": HELPER.name}
         archive.writestr(CONTAINER_METADATA, json.dumps(metadata), zipfile.ZIP_DEFLATED)
-        archive.writestr(CONTAINER_TRAINING_MODEL, update_npz(params), zipfile.ZIP_STORED)
+        archive.writestr(CONTAINER_TRAINING_MODEL, update_npz(params, level), zipfile.ZIP_STORED)
     container.seek(0)
     return ScaleoutModel.from_stream(container)
 
