@@ -3,8 +3,7 @@
 Step time: one batch of real MNIST images, the same images and batch every step. In one process,
 alternating, the plain step as ``training.train`` runs it (``auto`` precision, and fp32) and the
 DP-SGD step of ``dpsgd.make_private`` in each of Opacus's per-sample gradient modes: ``hooks``,
-``functorch``, ``ew`` (expanded weights), ``ghost`` (ghost clipping, what DP rounds use) and
-``fast`` (fast gradient clipping: the ghost module without ghost norms). Medians over ``--reps``
+``functorch``, ``ew`` (expanded weights) and ``ghost`` (ghost clipping, what DP rounds use). Medians over ``--reps``
 alternations of ``--steps`` steps each; the target is DP <= 2.0x the plain step.
 
 Accuracy: ``--clients`` IID clients on the offline 5k subset (``prepare``), ``--rounds`` FedAvg
@@ -28,14 +27,14 @@ import numpy as np
 import torch
 from opacus.accountants.utils import get_noise_multiplier
 
-from mnist_edge import data, dpsgd, hardware, model, parallel, privacy, training
+from mnist_edge import data, dpsgd, hardware, model, privacy, training
+from mnist_edge.node import DEFAULT_DELTA
 from mnist_edge.prepare import prepare
 from mnist_edge.settings import parse_settings
 from mnist_edge.simulate import simulate
 from perf_common import RESULTS, Report, cpu_tag, images, load, machine, median
 
-DP_MODES = {"hooks": ("hooks", True), "functorch": ("functorch", True), "ew": ("ew", True),
-            "ghost": ("ghost", True), "fast": ("ghost", False)}
+DP_MODES = ("hooks", "functorch", "ew", "ghost")
 
 
 class PlainStep:
@@ -47,22 +46,21 @@ class PlainStep:
         self.device = device
         self.net = model.new_model(0).to(device, memory_format=self.memory_format).train()
         self.optimizer = training.make_optimizer("adadelta", self.net.parameters(), 1.0)
-        self.gradient = parallel.BatchGradient(self.net, parallel.batch_parts(device), self.bf16, device, seed=0)
 
     def __call__(self, x_u8: torch.Tensor, y: torch.Tensor) -> None:
         x = training.to_input(x_u8, self.device, self.memory_format)
-        training.train_step(self.gradient, self.optimizer, x, y)
+        training.train_step(self.net, self.optimizer, x, y, self.bf16)
 
 
 class PrivateStep:
     """One DP-SGD step in one of Opacus's modes (σ 1.0, C 1.0, fp32, as a DP round runs it)."""
 
-    def __init__(self, mode: str, use_ghost_clipping: bool, batch: int, device: torch.device) -> None:
+    def __init__(self, mode: str, batch: int, device: torch.device) -> None:
         self.device = device
         settings = parse_settings({"batch_size": batch, "dp_noise_multiplier": 1.0})
         plan = dpsgd.RoundPlan(1.0, 1.0, 0.01, 1, 1e-5, batch)
         net = model.new_model(0).to(device).train()
-        self.private = dpsgd.make_private(net, settings, plan, device, mode, use_ghost_clipping)
+        self.private = dpsgd.make_private(net, settings, plan, device, mode)
 
     def __call__(self, x_u8: torch.Tensor, y: torch.Tensor) -> None:
         self.private.step(training.to_input(x_u8, self.device), y)
@@ -74,7 +72,7 @@ def step_times(args: argparse.Namespace, report: Report) -> dict[str, float]:
     pixels, labels = images(args.batch)
     x_u8, y = torch.from_numpy(pixels), torch.from_numpy(labels.astype(np.int64))
     contenders = {"plain (auto)": PlainStep("auto", device), "plain (fp32)": PlainStep("fp32", device)}
-    contenders.update({f"dp {name}": PrivateStep(*DP_MODES[name], args.batch, device) for name in args.modes})
+    contenders.update({f"dp {name}": PrivateStep(name, args.batch, device) for name in args.modes})
     for step in contenders.values():  # warm-up: oneDNN builds its kernels on the first steps
         step(x_u8, y)
     times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -118,7 +116,7 @@ def accuracy_runs(args: argparse.Namespace, report: Report, work: Path) -> list[
     rows = []
     for budget in [*args.budgets, None]:
         sigma = None if budget is None else get_noise_multiplier(
-            target_epsilon=budget, target_delta=privacy.DEFAULT_DELTA, sample_rate=q, steps=steps, accountant="rdp")
+            target_epsilon=budget, target_delta=DEFAULT_DELTA, sample_rate=q, steps=steps, accountant="rdp")
         start = time.perf_counter()
         history = simulate(data_dir, args.rounds, work / f"run-{budget}", batch_size=args.fed_batch_size,
                            seed=0, progress=False, echo=lambda _line: None,
@@ -168,7 +166,7 @@ def main() -> None:
 def accuracy_table(args: argparse.Namespace, report: Report) -> list[dict]:
     """The accuracy part: its header lines, then one federation per budget (``accuracy_runs``)."""
     report(f"{args.clients} IID clients of the 5k subset, {args.rounds} rounds, batch {args.fed_batch_size}, "
-           f"Adadelta 1.0, delta {privacy.DEFAULT_DELTA:g}, C {privacy.DEFAULT_MAX_GRAD_NORM}")
+           f"Adadelta 1.0, delta {DEFAULT_DELTA:g}, C {privacy.DEFAULT_MAX_GRAD_NORM}")
     report(f"{'budget':>8}  {'sigma':>7}  {'rounds':>6}  {'eps spent':>9}  {'accuracy':>10}  {'seconds':>7}")
     work = Path(tempfile.mkdtemp(prefix="mnist-edge-privacy-"))
     try:

@@ -4,7 +4,7 @@ One real train callback (``EdgeClient`` -> ``EdgeTasks.train``), 1 epoch on 6,00
 subset, repeated), timed in parts by wrapping the functions the callback calls: parameter decode
 (``ScaleoutModel`` -> numpy -> the CNN), data (``data.load_split``: cold = first read of the
 shard, cached = a later round), training steps (``training.train``), update serialization (the
-CNN -> numpy -> ``ScaleoutModel``: ``edge.to_scaleout_model``, a level-1 npz stored as it is in
+CNN -> numpy -> ``ScaleoutModel``: ``container.to_scaleout_model``, a level-1 npz stored as it is in
 the client's container); "other" is the rest (settings, metadata, logging). After one warm-up
 callback (the first training in a process builds oneDNN's kernels) the cache is cleared: the
 next callback reads the shard cold, the ``--reps`` after it find it cached; the report gives
@@ -13,9 +13,9 @@ their medians.
 Then the update builders alone, alternating ``--reps`` x 3 times on the CNN's 4.8 MB of weights:
 the client's ``ScaleoutModel.from_training_model`` with its stock numpyhelper (``np.savez_compressed``,
 then the builder deflates that member again), the same with a level-1 npz (this package's first
-update), an uncompressed npz stored in the container (measured and left out: the client's re-id
-then does the only deflate, but the combiner's decode, which seeks inside the deflated member,
-takes ~3x longer), and ``edge.to_scaleout_model``. For each: the build (in the callback), what the client does with the
+update) and ``container.to_scaleout_model``. (An uncompressed npz stored in the container was
+measured and left out: the client's re-id then does the only deflate, but the combiner's decode,
+which seeks inside the deflated member, took ~3x longer; see bench/results.) For each: the build (in the callback), what the client does with the
 update after the callback (``to_builder().set_model_id(..).build()``: the client's code, which
 deflates the container's member again at zlib's default level), their sum (what the node spends
 before the upload), the combiner's decode (stock numpyhelper) and the bytes uploaded. Run it with each client line's interpreter (``scaleout`` 1.0.7 and 1.1).
@@ -38,7 +38,7 @@ import torch
 from scaleout import ScaleoutModel
 from scaleoututil.helpers.plugins.numpyhelper import Helper as NumpyHelper
 
-from mnist_edge import data, edge, model, runtime, training
+from mnist_edge import container, data, edge, model, runtime, training
 from perf_common import Report, cpu_tag, images, load, machine, median
 
 PARTS = ("decode: ScaleoutModel -> numpy", "decode: numpy -> CNN", "data", "training steps",
@@ -78,15 +78,14 @@ class Level1Helper(NumpyHelper):
     """The stock numpyhelper writing the level-1 npz: this package's first update."""
 
     def save(self, weights, path=None, file_type="npz"):
-        path.write(edge.update_npz(weights))
+        path.write(model.npz_bytes(weights))
         return path
 
 
 BUILDERS: dict[str, Callable[[list[np.ndarray]], ScaleoutModel]] = {
-    "from_training_model, stock numpyhelper": lambda p: ScaleoutModel.from_training_model(p, edge.HELPER),
+    "from_training_model, stock numpyhelper": lambda p: ScaleoutModel.from_training_model(p, NumpyHelper()),
     "from_training_model, level-1 npz": lambda p: ScaleoutModel.from_training_model(p, Level1Helper()),
-    "uncompressed npz stored, the client's re-id deflates": lambda p: edge.to_scaleout_model(p, level=None),
-    "edge.to_scaleout_model (level-1 npz stored as it is)": edge.to_scaleout_model,
+    "container.to_scaleout_model (level-1 npz stored as it is)": container.to_scaleout_model,
 }
 
 
@@ -104,7 +103,7 @@ def compare_builders(params: list[np.ndarray], reps: int, report: Report) -> Non
         for name, build in BUILDERS.items():
             build_s, built = timed(build, params)
             reid_s, uploaded = timed(lambda: built.to_builder().set_model_id("update").build())
-            decode_s, decoded = timed(uploaded.get_training_model, edge.HELPER)
+            decode_s, decoded = timed(uploaded.get_training_model, NumpyHelper())
             assert all(np.array_equal(a, b) for a, b in zip(decoded, params)), name
             for key, value in (("build", build_s), ("re-id", reid_s), ("decode", decode_s)):
                 seconds[name][key].append(value)
@@ -127,7 +126,7 @@ def callback_report(args: argparse.Namespace, report: Report) -> None:
         timer.wrap(owner, attribute, part)
     report(f"{args.images} images, 1 epoch, batch 64, precision {args.precision}, threads {args.threads}")
     settings = {"epochs": 1, "seed": 0, "precision": args.precision}
-    incoming = edge.to_scaleout_model(model.get_parameters(model.new_model(0)))
+    incoming = container.to_scaleout_model(model.get_parameters(model.new_model(0)))
     with tempfile.TemporaryDirectory() as tmp:
         node = Path(tmp) / "node"
         pixels, labels = images(args.images)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mnist_edge import hardware, model, parallel, training
+from mnist_edge import hardware, model, training
 from perf_common import Report, cpu_tag, images, load, machine, median
 from train_throughput import ExampleNet
 
@@ -51,8 +51,7 @@ class Reference:
 class Ours:
     """Our step, as ``training.train`` runs it, with one idea changed by the keyword arguments."""
 
-    def __init__(self, pixels: np.ndarray, labels: torch.Tensor, bf16: bool, parts_per_thread: bool = False,
-                 channels_last: bool = True, pool_first: bool = True, byte_dropout: bool = True,
+    def __init__(self, pixels: np.ndarray, labels: torch.Tensor, bf16: bool, channels_last: bool = True, pool_first: bool = True, byte_dropout: bool = True,
                  foreach: bool = False) -> None:
         self.net = model.new_model(0)
         if not pool_first:  # the example's order; its dropout is still ours unless taken out below
@@ -64,18 +63,16 @@ class Ours:
         self.net.to(memory_format=self.memory_format).train()
         self.optimizer = (torch.optim.Adadelta(self.net.parameters(), lr=1.0, foreach=True) if foreach
                           else training.make_optimizer("adadelta", self.net.parameters(), 1.0))
-        parts = torch.get_num_threads() if parts_per_thread else parallel.batch_parts(CPU)
-        self.gradient = parallel.BatchGradient(self.net, parts, bf16, CPU, seed=0)
+        self.bf16, self.generator = bf16, training.dropout_generator(0, CPU)
         self.pixels, self.labels = torch.from_numpy(pixels), labels
 
     def step(self, index: torch.Tensor) -> None:
         x = training.to_input(self.pixels[index], CPU, self.memory_format)
-        training.train_step(self.gradient, self.optimizer, x, self.labels[index])
+        training.train_step(self.net, self.optimizer, x, self.labels[index], self.bf16, self.generator)
 
 
 IDEAS: dict[str, dict] = {
     "ours (all on)": {},
-    "with batch parts (one per thread)": {"parts_per_thread": True},
     "without channels_last": {"channels_last": False},
     "without pool-before-ReLU": {"pool_first": False},
     "without byte-mask dropout": {"byte_dropout": False},
@@ -94,7 +91,7 @@ def main() -> None:
     hardware.keep_freed_memory()  # process-wide, as in train_throughput
     report = Report()
     report(machine())
-    report(f"threads {args.threads}; batch parts by default {parallel.batch_parts(CPU)} (MNIST_EDGE_BATCH_PARTS); batch 64; "
+    report(f"threads {args.threads}; batch 64; "
            f"{args.rounds} rounds of {args.steps} steps per variant")
     pixels, labels = images(64 * 60)
     labels = torch.from_numpy(labels.astype(np.int64))

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mnist_edge import data, edge, hardware, model, runtime, training
+from mnist_edge import container, data, hardware, model, runtime, training
 from perf_common import Report, cpu_tag, images, load, machine, median
 
 TARGET = "ratio >= 1.3 in fp32, bf16 where native; accuracy within 0.5 points"
@@ -105,14 +105,14 @@ def reference_run(x: np.ndarray, y: np.ndarray, args: argparse.Namespace, seed: 
 
 def callback_run(client, args: argparse.Namespace, seed: int, precision: str) -> tuple[Clock, nn.Module]:
     """(B): one train callback from the seed-``seed`` model; returns (time in the callback, trained net)."""
-    incoming = edge.to_scaleout_model(model.get_parameters(model.new_model(seed)))
+    incoming = container.to_scaleout_model(model.get_parameters(model.new_model(seed)))
     settings = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                 "optimizer": "adadelta", "seed": seed, "precision": precision}
     clock = Clock()
     updated, _metadata = runtime.run_task(client, "train", incoming, settings)
     clock.stop()
     net = model.Net()
-    model.set_parameters(net, edge.params_from(updated))
+    model.set_parameters(net, container.params_from(updated))
     return clock, net
 
 
@@ -145,7 +145,7 @@ def main() -> None:
     hardware.keep_freed_memory()  # process-wide: A gets B's allocator setting too
     report = Report()
     report(machine())
-    report(f"threads {args.threads}; batch parts {training.batch_parts(torch.device('cpu'))}; "
+    report(f"threads {args.threads}; "
            f"{args.train} train / {args.test} test images; {args.epochs} epoch(s); batch {args.batch_size}")
     pixels, labels = images(args.train + args.test)
     x, y, x_test, y_test = pixels[: args.train], labels[: args.train], pixels[args.train :], labels[args.train :]

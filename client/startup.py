@@ -8,6 +8,8 @@ from mnist_edge import data, edge, ledger, model, privacy, settings, training  #
 
 
 def startup(client) -> None:
-    # 1. Train, validate and predict callbacks read $SCALEOUT_DATA_DIR (default ./data).
-    # 2. Each returns plain JSON values and checks client.check_task_abort() between batches.
+    # 1. The node's configuration is read once, here, from the environment (SCALEOUT_DATA_DIR,
+    #    MNIST_EDGE_*; README "Environment variables").
+    # 2. Train, validate and predict callbacks return plain JSON values and check
+    #    client.check_task_abort() between batches.
     edge.register(client)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import real_images
+from scaleoututil.helpers.helpers import get_helper
 
 from mnist_edge import data
 
@@ -25,6 +26,8 @@ VENV_BIN = Path(sys.executable).parent
 CLIENT_LINE = "1.1" if tuple(int(p) for p in version("scaleout").split(".")[:2]) >= (1, 1) else "1.0.7"
 # Where EdgeClient stages models, relative to its working directory.
 MODEL_CACHE = ".scaleout/model_cache" if CLIENT_LINE == "1.1" else ".model_cache"
+# The numpyhelper, as a server builds the ScaleoutModels it sends.
+NUMPY_HELPER = get_helper("numpyhelper")
 # Lines a test wants in the run's closing summary (measurements such as the e2e accuracies).
 SUMMARY: list[str] = []
 

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from scaleout import ScaleoutModel
+from scaleoututil.helpers.helpers import get_helper
 
-from mnist_edge import edge, model, runtime
+from mnist_edge import model, runtime
 
 HEADER = "image_id,label,image,start_datetime,end_datetime,location"
 
@@ -62,7 +63,7 @@ def node(data_dir: Path, workdir: Path | None = None) -> Node:
 
 
 def scaleout_model(params: list[np.ndarray], model_id: str | None = None) -> ScaleoutModel:
-    built = ScaleoutModel.from_training_model(params, edge.HELPER)
+    built = ScaleoutModel.from_training_model(params, get_helper("numpyhelper"))
     return built.to_builder().set_model_id(model_id).build() if model_id is not None else built
 
 

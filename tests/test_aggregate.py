@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mnist_edge import aggregate, model, standalone
+from mnist_edge import aggregate, model
+from mnist_edge.meta import meta_path
 from mnist_edge.cli import main
 
 SHAPES = list(model.expected_shapes().values())
@@ -21,7 +22,7 @@ def write_model(directory: Path, value: float, num_examples: object = 100, **met
     path = model.save_pth(params, directory / "mnist.pth")
     content = {"model_kind": "mnist", "model_state": "trained", "round": 1, "model_file": "mnist.pth",
                "num_examples": num_examples, "data_fingerprint": f"sha-{value}", **meta}
-    standalone.meta_path(path).write_text(json.dumps({k: v for k, v in content.items() if v is not ...}))
+    meta_path(path).write_text(json.dumps({k: v for k, v in content.items() if v is not ...}))
     return directory
 
 
@@ -81,11 +82,12 @@ def _edit_meta(root: Path, name: str, **changes: object) -> Path:
 @pytest.mark.parametrize("change, message", [
     ({"model_kind": "cifar10"}, "'model_kind' must be \"mnist\", got \"cifar10\""),
     ({"model_kind": ...}, "'model_kind' must be \"mnist\", got null"),
-    ({"num_examples": ...}, "'num_examples' must be an integer >= 1 (no such key)"),
-    ({"num_examples": 0}, "'num_examples' must be an integer >= 1 (got 0)"),
-    ({"num_examples": True}, "'num_examples' must be an integer >= 1 (got true)"),
-    ({"num_examples": "300"}, "'num_examples' must be an integer >= 1 (got \"300\")"),
-    ({"round": -1}, "'round' must be an integer >= 1 (got -1)"),
+    ({"num_examples": ...}, "'num_examples' must be an integer from 1 to 1,000,000,000 (no such key)"),
+    ({"num_examples": 0}, "'num_examples' must be an integer from 1 to 1,000,000,000 (got 0)"),
+    ({"num_examples": True}, "'num_examples' must be an integer from 1 to 1,000,000,000 (got true)"),
+    ({"num_examples": "300"}, "'num_examples' must be an integer from 1 to 1,000,000,000 (got \"300\")"),
+    ({"num_examples": 2**64}, "'num_examples' must be an integer from 1 to 1,000,000,000 (got 18446744073709551616)"),
+    ({"round": -1}, "'round' must be an integer from 1 to 1,000,000,000 (got -1)"),
     ({"model_file": "../7f21/mnist.pth"}, "'model_file' must be a file name inside"),
 ])
 def test_a_bad_meta_is_refused_naming_the_file_and_key(model_set, tmp_path, capsys, change, message):
@@ -149,7 +151,7 @@ def test_training_from_an_aggregated_model_is_the_next_round(model_set, tmp_path
         out = tmp_path / f"from-{expected}.pth"
         args = ["train", "--model", str(out), *(["--init", str(init)] if init else []), str(shard)]
         assert main(args) == 0
-        assert json.loads(standalone.meta_path(out).read_text())["round"] == expected
+        assert json.loads(meta_path(out).read_text())["round"] == expected
 
 
 def test_the_output_meta_is_all_of_this_and_names_each_parent_by_its_hash(model_set, tmp_path):
@@ -171,7 +173,7 @@ def test_the_output_meta_is_all_of_this_and_names_each_parent_by_its_hash(model_
 
 
 def meta_text(target: Path) -> str:
-    return standalone.meta_path(target).read_text(encoding="utf-8")
+    return meta_path(target).read_text(encoding="utf-8")
 
 
 def sha256_of(path: Path) -> str:

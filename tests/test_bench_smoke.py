@@ -24,9 +24,9 @@ SMOKE_RUNS = {
                    "--budgets", "8"],
 }
 EXPECTED = {
-    "train_ideas.py": "fp32 with batch parts",
+    "train_ideas.py": "fp32 without channels_last",
     "ingest.py": "peak RSS above the interpreter+imports baseline",
-    "round_overhead.py": "edge.to_scaleout_model (level-1 npz stored as it is)",
+    "round_overhead.py": "container.to_scaleout_model (level-1 npz stored as it is)",
     "privacy.py": "DP step (ghost) / plain (fp32) step: median ratio",
 }
 

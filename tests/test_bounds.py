@@ -74,7 +74,7 @@ def measured(tmp_path_factory, seed_path, mnist5k) -> Measured:
         "incoming-model": f"""
             from scaleout import ScaleoutModel
             from scaleoututil.helpers.plugins.numpyhelper import Helper
-            from mnist_edge import edge, model
+            from mnist_edge import container, model
             class Verbatim(Helper):  # builds the ScaleoutModel around the file's exact bytes
                 def save(self, weights, path=None, file_type="npz"):
                     with open({str(bomb)!r}, "rb") as source:
@@ -82,7 +82,7 @@ def measured(tmp_path_factory, seed_path, mnist5k) -> Measured:
                     return path
             incoming = ScaleoutModel.from_training_model([], Verbatim())
             try:
-                edge.params_from(incoming)
+                container.params_from(incoming)
             except model.ModelFileError as error:
                 print(error)
         """,
@@ -142,7 +142,7 @@ def test_a_png_claiming_a_huge_size_is_one_bad_row_not_a_failed_task(node_dir, s
     write_lines(shard, [HEADER, f"1,3,{bomb},,,", *rows(images[:50], labels[:50], start=10)])
     edge_node = node(node_dir, workdir=tmp_path)
     _, meta = edge_node.run("train", scaleout_model(seed_params(seed_path)), {"batch_size": 32})
-    assert meta["rows_skipped"] == 1 and meta["training_metadata"]["num_examples"] == 50
+    assert meta["training_metadata"]["rows_skipped"] == 1 and meta["training_metadata"]["num_examples"] == 50
     assert str(data.read_shard(shard).bad_rows[0]) == f"{shard}:2: PNG is 20000x20000, expected 28x28"
 
 

@@ -101,7 +101,7 @@ def test_a_dataset_holds_every_shards_rows_and_the_first_bad_rows(tmp_path, mnis
     assert len(dataset.bad_rows) == data.WARN_FIRST
     assert [(b.path.rsplit("/", 1)[1], b.line) for b in dataset.bad_rows[6:]] == [("0.csv", 12), ("1.csv", 6),
                                                                                   ("1.csv", 7), ("1.csv", 8)]
-    assert [s.path for s in dataset.shards] == dataset.files == [tmp_path / "s" / "0.csv", tmp_path / "s" / "1.csv"]
+    assert dataset.files == [tmp_path / "s" / "0.csv", tmp_path / "s" / "1.csv"]
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -154,7 +154,7 @@ def test_a_recent_shard_that_cannot_be_read_again_is_named(tmp_path, mnist5k, mo
     def refuse(path):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(data, "file_sha256", refuse)
+    monkeypatch.setattr(data, "sha256_file", refuse)
     with pytest.raises(DataError) as error:
         data.cached_shard(shard, True)
     assert str(error.value) == f"{shard}: cannot read shard (Permission denied)"
@@ -203,8 +203,8 @@ def test_a_shard_is_settled_once_its_last_change_is_racy_ns_old(tmp_path, mnist5
     shard, was_read = data.cached_shard(path, True)
     assert was_read
     hashed = []
-    real_sha256 = data.file_sha256
-    monkeypatch.setattr(data, "file_sha256", lambda p: hashed.append(p) or real_sha256(p))
+    real_sha256 = data.sha256_file
+    monkeypatch.setattr(data, "sha256_file", lambda p: hashed.append(p) or real_sha256(p))
     hit, was_read = data.cached_shard(path, True)
     assert hit is shard and not was_read
     assert hashed == ([path] if rehashed else [])

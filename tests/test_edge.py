@@ -19,9 +19,9 @@ from scaleout.client.importer_package_runtime import ImporterPackageRuntime
 from scaleout.client.logging_context import LoggingContext
 from scaleout.client.task_receiver import StoppedException
 
-from conftest import CLIENT_DIR, CLIENT_LINE, auto_precision_here, shards_fingerprint
+from conftest import CLIENT_DIR, CLIENT_LINE, NUMPY_HELPER, auto_precision_here, shards_fingerprint
 
-from mnist_edge import data, edge, model, runtime
+from mnist_edge import container, data, edge, model, runtime
 from mnist_edge.model import ModelFileError
 from mnist_edge.settings import SettingsError
 
@@ -40,15 +40,18 @@ class RecordingRuntime(runtime.LocalRuntime):
             raise StoppedException("Aborted by server")
 
 
-@pytest.fixture
-def started(tmp_path, monkeypatch, node_dir):
-    """A client started from a copy of client/ exactly as `scaleout client start` does it."""
+def start(tmp_path, monkeypatch, data_dir=None):
+    """A client started from a copy of client/ exactly as `scaleout client start` does it, in
+    ``tmp_path/work`` with ``SCALEOUT_DATA_DIR`` set to ``data_dir`` (unset when None)."""
     package = tmp_path / "package"
     shutil.copytree(CLIENT_DIR, package, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
     workdir = tmp_path / "work"
-    workdir.mkdir()
+    workdir.mkdir(exist_ok=True)
     monkeypatch.chdir(workdir)
-    monkeypatch.setenv("SCALEOUT_DATA_DIR", str(node_dir))
+    if data_dir is None:
+        monkeypatch.delenv("SCALEOUT_DATA_DIR", raising=False)
+    else:
+        monkeypatch.setenv("SCALEOUT_DATA_DIR", str(data_dir))
     runtime = RecordingRuntime()
     client = EdgeClient(runtime=runtime)
     package_runtime = ImporterPackageRuntime(None, None)
@@ -59,8 +62,14 @@ def started(tmp_path, monkeypatch, node_dir):
     return client, runtime
 
 
+@pytest.fixture
+def started(tmp_path, monkeypatch, node_dir):
+    """A client started on ``node_dir``."""
+    return start(tmp_path, monkeypatch, node_dir)
+
+
 def seed_model(seed_path) -> ScaleoutModel:
-    return ScaleoutModel.from_training_model(model.load_npz(seed_path), edge.HELPER)
+    return ScaleoutModel.from_training_model(model.load_npz(seed_path), NUMPY_HELPER)
 
 
 def call(client: EdgeClient, callback, *args):
@@ -91,11 +100,15 @@ def test_one_local_epoch_raises_test_accuracy_on_real_mnist(started, seed_path, 
     json.dumps(after, allow_nan=False)
 
     assert isinstance(updated, ScaleoutModel)
-    assert [p.shape for p in updated.get_training_model(edge.HELPER)] == list(model.expected_shapes().values())
-    assert meta["training_metadata"] == {"num_examples": 1000, "epochs": 1, "batch_size": 64, "learning_rate": 1.0,
-                                         "optimizer": "adadelta", "precision": auto_precision_here(), "seed": 1}
-    assert meta["data_fingerprint"] == shards_fingerprint([node_dir / "train" / "shard-000.csv"])
-    assert meta["rows_skipped"] == 0 and 0 < meta["training_accuracy"] <= 1
+    assert [p.shape for p in updated.get_training_model(NUMPY_HELPER)] == list(model.expected_shapes().values())
+    assert set(meta) == {"training_metadata"}  # one shape: what the dispatcher entry point writes too
+    trained = meta["training_metadata"]
+    assert {k: trained[k] for k in ("num_examples", "epochs", "batch_size", "learning_rate", "optimizer",
+                                    "precision", "seed", "rows_skipped", "duplicate_image_ids")} == {
+        "num_examples": 1000, "epochs": 1, "batch_size": 64, "learning_rate": 1.0, "optimizer": "adadelta",
+        "precision": auto_precision_here(), "seed": 1, "rows_skipped": 0, "duplicate_image_ids": 0}
+    assert trained["data_fingerprint"] == shards_fingerprint([node_dir / "train" / "shard-000.csv"])
+    assert 0 < trained["training_accuracy"] <= 1 and 0 < trained["training_loss"]
     json.dumps(meta, allow_nan=False)
 
     # 1000 images / 64 = 16 batches: an abort check before every batch, metrics at batch 50 (none) and epoch end.
@@ -147,10 +160,12 @@ def test_the_train_result_names_the_exact_shard_bytes_it_trained_on(started, see
     data.write_shard(train / "b.csv", images[60:100], labels[60:100], fmt="png")
     settings = {"batch_size": 50, "precision": "fp32"}
     _, first = call(client, client.train_callback, seed_model(seed_path), settings)
+    first = first["training_metadata"]
     assert first["data_fingerprint"] == shards_fingerprint([train / "a.csv", train / "b.csv"])
     data.write_shard(train / "b.csv", images[60:101], labels[60:101], fmt="png")  # one more image
     _, second = call(client, client.train_callback, seed_model(seed_path), settings)
-    assert second["training_metadata"]["num_examples"] == 101
+    second = second["training_metadata"]
+    assert second["num_examples"] == 101
     assert second["data_fingerprint"] == shards_fingerprint([train / "a.csv", train / "b.csv"])
     assert second["data_fingerprint"] != first["data_fingerprint"]
 
@@ -183,11 +198,11 @@ def test_model_of_the_wrong_shape_fails_with_expected_vs_got(started):
     client, _ = started
     params = model.get_parameters(model.Net())
     params[6] = np.zeros((5, 128), dtype=np.float32)
-    wrong = ScaleoutModel.from_training_model(params, edge.HELPER)
+    wrong = ScaleoutModel.from_training_model(params, NUMPY_HELPER)
     with pytest.raises(ModelFileError, match=r"fc2.weight\) expected shape \(10, 128\), got \(5, 128\)"):
         call(client, client.train_callback, wrong, {})
     with pytest.raises(ModelFileError, match="expected 8 parameter arrays"):
-        call(client, client.validate_callback, ScaleoutModel.from_training_model(params[:3], edge.HELPER))
+        call(client, client.validate_callback, ScaleoutModel.from_training_model(params[:3], NUMPY_HELPER))
 
 
 def test_validate_sends_its_error_as_an_attribute(started):
@@ -195,7 +210,7 @@ def test_validate_sends_its_error_as_an_attribute(started):
     client, runtime = started
     params = model.get_parameters(model.Net())[:3]
     with pytest.raises(ModelFileError):
-        call(client, client.validate_callback, ScaleoutModel.from_training_model(params, edge.HELPER))
+        call(client, client.validate_callback, ScaleoutModel.from_training_model(params, NUMPY_HELPER))
     assert "expected 8 parameter arrays" in runtime.attributes[-1]["validation_error"]
 
 
@@ -214,20 +229,30 @@ def test_bad_rows_are_counted_in_the_train_result(started, seed_path, node_dir):
     with open(shard, "a", newline="") as handle:
         handle.write("9999,12,AAAA,,,\n9998,3,not-an-image,,,\n")
     _, meta = call(client, client.train_callback, seed_model(seed_path), {})
-    assert meta["rows_skipped"] == 2 and meta["training_metadata"]["num_examples"] == 1000
+    assert meta["training_metadata"]["rows_skipped"] == 2 and meta["training_metadata"]["num_examples"] == 1000
 
 
-def test_missing_data_dir_fails_naming_the_path(started, seed_path, monkeypatch, tmp_path):
-    client, _ = started
-    monkeypatch.setenv("SCALEOUT_DATA_DIR", str(tmp_path / "nowhere"))
+def test_missing_data_dir_fails_naming_the_path(seed_path, monkeypatch, tmp_path):
+    client, _ = start(tmp_path, monkeypatch, tmp_path / "nowhere")
     with pytest.raises(data.DataError, match=f"{tmp_path / 'nowhere' / 'train'}: no such file or directory"):
         call(client, client.train_callback, seed_model(seed_path), {})
 
 
-def test_data_dir_defaults_to_data_in_the_working_directory(started, seed_path, node_dir, monkeypatch):
+def test_data_dir_defaults_to_data_in_the_working_directory(seed_path, node_dir, monkeypatch, tmp_path):
+    (tmp_path / "work").mkdir()
+    shutil.copytree(node_dir, tmp_path / "work" / "data")
+    client, _ = start(tmp_path, monkeypatch, None)
+    metrics = call(client, client.validate_callback, seed_model(seed_path))
+    assert metrics["num_train_examples"] == 1000
+
+
+def test_the_node_is_read_once_at_start_and_a_task_cannot_move_it(started, seed_path, node_dir, monkeypatch,
+                                                                   tmp_path):
+    """The data directory is the one the environment named when the client started: changing the
+    process's environment or working directory afterwards does not redirect a task."""
     client, _ = started
-    monkeypatch.delenv("SCALEOUT_DATA_DIR")
-    shutil.copytree(node_dir, "data")
+    monkeypatch.setenv("SCALEOUT_DATA_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.chdir(tmp_path)
     metrics = call(client, client.validate_callback, seed_model(seed_path))
     assert metrics["num_train_examples"] == 1000
 
@@ -292,18 +317,18 @@ def test_the_update_is_compressed_once_and_reads_back_everywhere():
     import zipfile
 
     params = model.get_parameters(model.new_model(0))
-    update = edge.to_scaleout_model(params)
-    stock = ScaleoutModel.from_training_model(params, edge.HELPER)  # what the client's own API builds
+    update = container.to_scaleout_model(params)
+    stock = ScaleoutModel.from_training_model(params, NUMPY_HELPER)  # what the client's own API builds
     assert set(update.metadata) == set(stock.metadata) == {"model_id", "helper_type"}
     assert update.metadata["helper_type"] == "numpyhelper" and update.model_id != stock.model_id
-    with zipfile.ZipFile(update.get_file_stream()) as container:
-        entry = container.getinfo(edge.CONTAINER_TRAINING_MODEL)
+    with zipfile.ZipFile(update.get_file_stream()) as archive:
+        entry = archive.getinfo(container.CONTAINER_TRAINING_MODEL)
         assert entry.compress_type == zipfile.ZIP_STORED
-        inner = container.read(entry)
+        inner = archive.read(entry)
     with zipfile.ZipFile(io.BytesIO(inner)) as npz:
         assert [i.filename for i in npz.infolist()] == [f"{i}.npy" for i in range(8)]
         assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in npz.infolist())
     assert entry.file_size < 0.95 * 4 * model.PARAMETER_COUNT  # deflated inside: about the stock size
     for built in (update, update.to_builder().set_model_id("u-1").build()):  # as the client re-ids it
-        assert all(np.array_equal(a, b) for a, b in zip(built.get_training_model(edge.HELPER), params))
-    assert all(np.array_equal(a, b) for a, b in zip(edge.params_from(update), params))
+        assert all(np.array_equal(a, b) for a, b in zip(built.get_training_model(NUMPY_HELPER), params))
+    assert all(np.array_equal(a, b) for a, b in zip(container.params_from(update), params))

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
+from mnist_edge.node import LEDGER_NAME
 from mnist_edge import data, ledger
 
 CHARGE = dict(model_id="m", data_fingerprint="f", max_grad_norm=1.0, delta=1e-5, budget=None)
@@ -49,7 +50,7 @@ def shard(tmp_path, mnist5k) -> Path:
 
 
 def test_the_spent_budget_survives_a_restart_and_refuses_the_next_round(tmp_path, shard):
-    path = tmp_path / "node" / ledger.LEDGER_NAME
+    path = tmp_path / "node" / LEDGER_NAME
     one = opacus_epsilon([(1.0, 0.25, 4)])
     budget = {"MNIST_EDGE_DP_EPSILON": repr((one + opacus_epsilon([(1.0, 0.25, 4)] * 2)) / 2)}
     code, out, err = finish(mnist_edge("train", "--model", tmp_path / "a.pth", "--batch-size", 50,
@@ -71,7 +72,7 @@ def test_the_spent_budget_survives_a_restart_and_refuses_the_next_round(tmp_path
 
 
 def test_kill_9_in_the_middle_of_a_round_keeps_its_charge(tmp_path, shard):
-    path = tmp_path / ledger.LEDGER_NAME
+    path = tmp_path / LEDGER_NAME
     # batch_size 1 on 200 images: 200 steps an epoch, 20 epochs; far longer than the wait below.
     process = mnist_edge("train", "--model", tmp_path / "killed.pth", "--batch-size", 1, "--epochs", 20,
                          "--dp-noise-multiplier", 1.0, "--ledger", path, shard, cwd=tmp_path,
@@ -111,7 +112,7 @@ while True:
 
 
 def test_kill_9_at_random_instants_never_loses_a_charge_nor_corrupts_the_ledger(tmp_path):
-    path, confirmed = tmp_path / ledger.LEDGER_NAME, 0
+    path, confirmed = tmp_path / LEDGER_NAME, 0
     rng = random.Random(12)
     for _ in range(5):
         log = tmp_path / "charged.txt"
@@ -145,7 +146,7 @@ def charged(path: Path, sigmas: tuple[float, ...] = (1.0, 2.0, 1.5)) -> list[led
 
 
 def test_the_charged_epsilon_is_what_opacus_accountant_gives(tmp_path):
-    path = tmp_path / ledger.LEDGER_NAME
+    path = tmp_path / LEDGER_NAME
     rounds = [(1.0, 0.064, 15), (0.8, 0.2, 5), (3.0, 1.0, 2)]
     records = [ledger.charge(path, noise_multiplier=s, sample_rate=q, steps=t, **CHARGE) for s, q, t in rounds]
     for i, (record, mechanism) in enumerate(zip(records, rounds, strict=True)):
@@ -157,7 +158,7 @@ def test_the_charged_epsilon_is_what_opacus_accountant_gives(tmp_path):
 
 
 def test_a_charge_over_the_budget_writes_nothing(tmp_path):
-    path = tmp_path / ledger.LEDGER_NAME
+    path = tmp_path / LEDGER_NAME
     [first] = charged(path, (1.0,))
     before = path.read_bytes()
     with pytest.raises(ledger.BudgetExceeded, match=f"spent epsilon {first.epsilon_total:.4f}"):
@@ -167,7 +168,7 @@ def test_a_charge_over_the_budget_writes_nothing(tmp_path):
 
 
 def test_a_torn_last_line_is_dropped_and_cut_off_by_the_next_charge(tmp_path):
-    path = tmp_path / ledger.LEDGER_NAME
+    path = tmp_path / LEDGER_NAME
     charged(path, (1.0,))
     whole = path.read_bytes()
     path.write_bytes(whole + whole[: len(whole) // 2])  # a crash in the middle of the next write
@@ -178,7 +179,7 @@ def test_a_torn_last_line_is_dropped_and_cut_off_by_the_next_charge(tmp_path):
 
 
 def test_a_whole_last_record_without_its_newline_still_counts(tmp_path):
-    path = tmp_path / ledger.LEDGER_NAME
+    path = tmp_path / LEDGER_NAME
     charged(path, (1.0, 2.0))
     path.write_bytes(path.read_bytes()[:-1])
     assert len(ledger.read(path).records) == 2
@@ -214,7 +215,7 @@ def _edit(lines: list[dict], how: str) -> list[dict]:
     ("extra key", 1, "expected a JSON object with the keys"),
 ])
 def test_an_edited_ledger_is_refused_naming_the_line(tmp_path, how, line, what):
-    path = tmp_path / ledger.LEDGER_NAME
+    path = tmp_path / LEDGER_NAME
     charged(path)
     records = [json.loads(text) for text in path.read_text().splitlines()]
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in _edit(records, how)))
@@ -226,7 +227,7 @@ def test_an_edited_ledger_is_refused_naming_the_line(tmp_path, how, line, what):
 
 @pytest.mark.parametrize("garbage", [b"not json\n", b"\n", b"[1, 2]\n", b"\xff\xfe\n"])
 def test_garbage_before_the_last_line_is_corruption_not_a_torn_tail(tmp_path, garbage):
-    path = tmp_path / ledger.LEDGER_NAME
+    path = tmp_path / LEDGER_NAME
     charged(path, (1.0,))
     path.write_bytes(garbage + path.read_bytes())
     with pytest.raises(ledger.LedgerError, match="line 1:"):
@@ -234,7 +235,7 @@ def test_garbage_before_the_last_line_is_corruption_not_a_torn_tail(tmp_path, ga
 
 
 def test_a_node_that_changed_its_delta_cannot_charge_the_old_ledger(tmp_path):
-    path = tmp_path / ledger.LEDGER_NAME
+    path = tmp_path / LEDGER_NAME
     charged(path, (1.0,))
     with pytest.raises(ledger.LedgerError, match="kept at delta 1e-05, but this node's MNIST_EDGE_DP_DELTA is 0.001"):
         ledger.charge(path, noise_multiplier=1.0, sample_rate=0.1, steps=10, **{**CHARGE, "delta": 1e-3})

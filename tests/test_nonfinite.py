@@ -119,5 +119,5 @@ def test_a_diverging_simulated_round_stops_the_simulation(two_clients, seed_path
     settings = {"optimizer": "sgd", "learning_rate": 1000, "batch_size": 16}
     with pytest.raises(SimulationError, match=r"round 1, client-0: training diverged \(loss nan at batch \d+\).*"
                                               "the simulation stopped and wrote no model"):
-        chosen = [(i, client, tmp_path / f"work-{i}") for i, client in enumerate(clients)]
+        chosen = list(enumerate(clients))
         train_round(chosen, seed_params(seed_path), settings, 0, 1, "round 1", False)

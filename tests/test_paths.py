@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 from hostile import node, scaleout_model, seed_params, with_id
 
-from mnist_edge import data, paths
-from mnist_edge.paths import OutputError, PathError
+from mnist_edge import data, files
+from mnist_edge.errors import UserError
+from mnist_edge.files import OutputError, TargetError
+from mnist_edge.paths import PathError
 
 
 @pytest.fixture
@@ -77,13 +79,13 @@ def test_output_never_replaces_or_joins_an_input_split(hostile_node, seed, targe
 ])
 def test_output_that_is_not_a_writable_file_path_fails_clearly(hostile_node, seed, value, message):
     (hostile_node.data_dir / "predictions").mkdir()
-    with pytest.raises(PathError, match=message):
+    with pytest.raises(UserError, match=message):
         hostile_node.run("predict", seed, {"output": value})
 
 
 def test_output_that_is_a_fifo_is_refused_not_blocked_on(hostile_node, seed):
     os.mkfifo(hostile_node.data_dir / "out.csv")
-    with pytest.raises(PathError, match="out.csv: exists and is not a regular file"):
+    with pytest.raises(TargetError, match="out.csv: exists and is not a regular file"):
         hostile_node.run("predict", seed, {"output": "out.csv"})
 
 
@@ -129,24 +131,25 @@ def test_a_failing_write_leaves_the_old_file_and_no_partial(tmp_path):
         raise RuntimeError("stopped mid-write")
 
     with pytest.raises(RuntimeError):
-        paths.atomic_write(target, half)
+        files.atomic_write(target, half)
     assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]
 
 
 def test_a_process_killed_mid_write_leaves_no_half_file_and_the_next_write_cleans_up(tmp_path):
-    """SIGKILL while rows are being written: the target never holds part of them."""
+    """SIGKILL while rows are being written: the target never holds part of them, and the dead
+    writer's temporary file goes once it is old enough to be sure no live writer owns it."""
     target = tmp_path / "predictions" / "m.csv"
     ready = tmp_path / "ready"
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from mnist_edge import paths
+        from mnist_edge import files
         def slow(handle):
             handle.write("image_id,label,confidence\\n" + "1,2,0.5\\n" * 1000)
             handle.flush()
             Path({str(ready)!r}).touch()
             time.sleep(60)
-        paths.atomic_write(Path({str(target)!r}), slow)
+        files.atomic_write(Path({str(target)!r}), slow)
     """)
     process = subprocess.Popen([sys.executable, "-c", script])
     try:
@@ -161,7 +164,11 @@ def test_a_process_killed_mid_write_leaves_no_half_file_and_the_next_write_clean
         process.kill()
     assert not target.exists()
     leftovers = list(target.parent.iterdir())
-    assert len(leftovers) == 1 and leftovers[0].name.endswith(paths.PARTIAL_SUFFIX)  # hidden, never the target
+    assert len(leftovers) == 1 and leftovers[0].name.endswith(files.PARTIAL_SUFFIX)  # hidden, never the target
+    data.write_predictions(target, np.array([7]), np.array([3]), np.array([0.9]))
+    assert len(list(target.parent.iterdir())) == 2  # too recent to be sure its writer is gone
+    past = leftovers[0].stat().st_mtime - files.STALE_SECONDS - 1
+    os.utime(leftovers[0], (past, past))
     data.write_predictions(target, np.array([7]), np.array([3]), np.array([0.9]))
     assert sorted(p.name for p in target.parent.iterdir()) == ["m.csv"]
     with open(target, newline="") as handle:
@@ -169,9 +176,12 @@ def test_a_process_killed_mid_write_leaves_no_half_file_and_the_next_write_clean
 
 
 def test_startup_removes_what_a_crash_left_in_predictions(node_dir, tmp_path, caplog):
-    stale = node_dir / "predictions" / ".m.csv.abc123.partial"
+    """A partial file nobody holds and older than a writer needs to lock it is removed at start."""
+    stale = node_dir / "predictions" / ".m.csv.123.abc123.partial"
     stale.parent.mkdir()
     stale.write_text("image_id,label")
+    past = stale.stat().st_mtime - files.STALE_SECONDS - 1
+    os.utime(stale, (past, past))
     node(node_dir, workdir=tmp_path)
     assert not stale.exists()
 
@@ -185,7 +195,7 @@ def test_a_write_the_system_refuses_fails_naming_the_path_and_leaves_nothing(tmp
         import numpy as np
         from pathlib import Path
         from mnist_edge import data
-        from mnist_edge.paths import OutputError
+        from mnist_edge.files import OutputError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         try:
@@ -199,5 +209,3 @@ def test_a_write_the_system_refuses_fails_naming_the_path_and_leaves_nothing(tmp
     assert list(target.parent.iterdir()) == []
 
 
-def test_output_error_is_an_os_error_for_the_cli(tmp_path):
-    assert issubclass(OutputError, OSError)

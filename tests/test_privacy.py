@@ -1,7 +1,7 @@
 """Node-owned DP through the real EdgeClient: the node's budget, refusals, metadata, settings.
 
-The package is started the way ``scaleout client start`` starts it (``test_edge.started``); the
-ledger lands in the client's working directory. Expected ε values come from Opacus's
+The package is started the way ``scaleout client start`` starts it (``test_edge.start``), with the
+node's budget in its environment; the ledger lands in the node's data directory. Expected ε values come from Opacus's
 ``RDPAccountant`` directly, never from the code under test.
 """
 
@@ -15,9 +15,10 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from scaleout.client.task_receiver import StoppedException
-from test_edge import RecordingRuntime, call, seed_model, started  # noqa: F401  (started is a fixture)
+from test_edge import call, seed_model, start
 
 from mnist_edge import dpsgd, ledger, model, privacy, training
+from mnist_edge.node import LEDGER_NAME, STATE_DIR, NodeConfigError, PrivacyLimits, privacy_from
 from mnist_edge.settings import SettingsError, parse_settings
 
 N_TRAIN = 1000  # conftest.node_dir
@@ -37,23 +38,38 @@ def one_round(batch_size: int = 64, sigma: float = 1.0, n: int = N_TRAIN) -> tup
 
 
 @pytest.fixture
-def workdir(started, tmp_path):
-    return tmp_path / "work"  # test_edge.started chdirs there, as the client's working directory
+def ledger_file(node_dir):
+    """Where the node's ledger lives: with its data."""
+    return node_dir / STATE_DIR / LEDGER_NAME
+
+
+@pytest.fixture
+def node_with_budget(tmp_path, monkeypatch, node_dir):
+    """Start a client whose node budget is ``epsilon`` (None: no budget), as an operator would."""
+    def started_with(epsilon: float | None):
+        if epsilon is None:
+            monkeypatch.delenv("MNIST_EDGE_DP_EPSILON", raising=False)
+        else:
+            monkeypatch.setenv("MNIST_EDGE_DP_EPSILON", repr(float(epsilon)))
+        return start(tmp_path, monkeypatch, node_dir)
+    return started_with
 
 
 def train(client, settings: dict, seed_path):
-    return call(client, client.train_callback, seed_model(seed_path), settings)
+    """A train task; returns the update and its training metadata."""
+    updated, meta = call(client, client.train_callback, seed_model(seed_path), settings)
+    return updated, meta["training_metadata"]
 
 
 # -- the node's budget --------------------------------------------------------------------------
 
 
 def test_a_node_budget_makes_every_round_dp_and_the_update_carries_the_audit_numbers(
-        started, seed_path, workdir, monkeypatch):
-    client, runtime = started
-    monkeypatch.setenv("MNIST_EDGE_DP_EPSILON", "8")
+        node_with_budget, seed_path, ledger_file):
+    client, runtime = node_with_budget(8)
     seed = seed_model(seed_path)
     _updated, meta = call(client, client.train_callback, seed, {"seed": 1})  # asks for nothing: DP anyway
+    meta = meta["training_metadata"]
 
     assert DP_KEYS <= set(meta) and all(type(meta[k]) in (int, float) for k in DP_KEYS)
     sigma, q, steps = one_round()
@@ -61,35 +77,32 @@ def test_a_node_budget_makes_every_round_dp_and_the_update_carries_the_audit_num
     assert meta["dp_sample_rate"] == q and meta["dp_steps"] == steps == 15
     assert meta["dp_epsilon_round"] == pytest.approx(opacus_epsilon([(sigma, q, steps)]), rel=1e-12)
     assert meta["dp_epsilon_spent"] == meta["dp_epsilon_round"]
-    assert meta["training_metadata"]["precision"] == "fp32"
+    assert meta["precision"] == "fp32"
     json.dumps(meta, allow_nan=False)
     # Poisson sampling draws exactly the charged number of batches; the abort check runs before each
     # (and once more in every log_metric).
     assert runtime.checks == steps + len(runtime.metrics)
-    [record] = ledger.read(workdir / ledger.LEDGER_NAME).records
+    [record] = ledger.read(ledger_file).records
     assert record.epsilon_total == meta["dp_epsilon_spent"] and record.model_id == seed.model_id
     assert record.data_fingerprint == meta["data_fingerprint"]
 
 
-def test_without_a_budget_dp_runs_only_when_the_round_asks(started, seed_path, workdir, monkeypatch):
-    client, _ = started
-    monkeypatch.delenv("MNIST_EDGE_DP_EPSILON", raising=False)
+def test_without_a_budget_dp_runs_only_when_the_round_asks(node_with_budget, seed_path, ledger_file):
+    client, _ = node_with_budget(None)
     _, meta = train(client, {"seed": 1, "precision": "fp32"}, seed_path)
-    assert not DP_KEYS & set(meta) and not (workdir / ledger.LEDGER_NAME).exists()
+    assert not DP_KEYS & set(meta) and not (ledger_file).exists()
 
     _, meta = train(client, {"dp_noise_multiplier": 2.0, "dp_max_grad_norm": 0.5, "batch_size": 100}, seed_path)
     assert (meta["dp_noise_multiplier"], meta["dp_max_grad_norm"], meta["dp_steps"]) == (2.0, 0.5, 10)
     assert meta["dp_epsilon_round"] == pytest.approx(opacus_epsilon([(2.0, 0.1, 10)]), rel=1e-12)
-    [record] = ledger.read(workdir / ledger.LEDGER_NAME).records
+    [record] = ledger.read(ledger_file).records
     assert record.budget is None
 
 
-def test_the_round_that_would_pass_the_budget_fails_before_any_training(
-        started, seed_path, workdir, monkeypatch):
-    client, runtime = started
+def test_the_round_that_would_pass_the_budget_fails_before_any_training(node_with_budget, seed_path, ledger_file):
     first = opacus_epsilon([one_round()])
     both = opacus_epsilon([one_round()] * 2)
-    monkeypatch.setenv("MNIST_EDGE_DP_EPSILON", repr((first + both) / 2))  # room for one round only
+    client, runtime = node_with_budget((first + both) / 2)  # room for one round only
     train(client, {}, seed_path)
     checks, metrics = runtime.checks, len(runtime.metrics)
 
@@ -101,7 +114,7 @@ def test_the_round_that_would_pass_the_budget_fails_before_any_training(
     assert f"total would be {both:.4f}" in message and f"budget epsilon {(first + both) / 2:g}" in message
     assert result is None  # no model to upload
     assert runtime.checks == checks and len(runtime.metrics) == metrics  # not one batch ran
-    assert len(ledger.read(workdir / ledger.LEDGER_NAME).records) == 1  # a refusal is not charged
+    assert len(ledger.read(ledger_file).records) == 1  # a refusal is not charged
 
 
 @pytest.mark.parametrize("settings,error,match", [
@@ -110,38 +123,34 @@ def test_the_round_that_would_pass_the_budget_fails_before_any_training(
     ({"dp_noise_multiplier": 0.3}, privacy.BudgetExceeded, "budget epsilon 3"),
     ({"dp_epsilon": 6.0}, privacy.BudgetExceeded, "budget epsilon 3"),
 ])
-def test_a_round_cannot_loosen_the_node_budget(started, seed_path, workdir, monkeypatch, settings, error, match):
-    client, runtime = started
-    monkeypatch.setenv("MNIST_EDGE_DP_EPSILON", "3")
+def test_a_round_cannot_loosen_the_node_budget(node_with_budget, seed_path, ledger_file, settings, error, match):
+    client, runtime = node_with_budget(3)
     with pytest.raises(error, match=match):
         train(client, settings, seed_path)
-    assert runtime.checks == 0 and not ledger.read(workdir / ledger.LEDGER_NAME).records
+    assert runtime.checks == 0 and not ledger.read(ledger_file).records
 
 
-def test_a_round_can_tighten_the_node_budget(started, seed_path, monkeypatch):
-    client, _ = started
-    monkeypatch.setenv("MNIST_EDGE_DP_EPSILON", "3")
+def test_a_round_can_tighten_the_node_budget(node_with_budget, seed_path):
+    client, _ = node_with_budget(3)
     _, meta = train(client, {"dp_epsilon": 0.5, "dp_noise_multiplier": 1.0, "precision": "bf16"}, seed_path)
     sigma = get_noise_multiplier(target_epsilon=0.5, target_delta=1e-5, sample_rate=0.064, steps=15)
     assert meta["dp_noise_multiplier"] == sigma > 1.0  # the larger sigma of the two wins
-    assert meta["dp_epsilon_round"] <= 0.5 and meta["training_metadata"]["precision"] == "fp32"
+    assert meta["dp_epsilon_round"] <= 0.5 and meta["precision"] == "fp32"
 
 
-def test_an_aborted_dp_round_stays_charged(started, seed_path, workdir, monkeypatch):
-    client, runtime = started
-    monkeypatch.setenv("MNIST_EDGE_DP_EPSILON", "8")
+def test_an_aborted_dp_round_stays_charged(node_with_budget, seed_path, ledger_file):
+    client, runtime = node_with_budget(8)
     runtime.abort_at_check = 3
     with pytest.raises(StoppedException):
         train(client, {}, seed_path)
-    [record] = ledger.read(workdir / ledger.LEDGER_NAME).records
+    [record] = ledger.read(ledger_file).records
     assert record.steps == 15 and runtime.checks == 3  # charged in full: the node cannot know what leaked
 
 
-def test_a_corrupt_ledger_fails_train_tasks_and_is_left_as_it_was(started, seed_path, workdir, monkeypatch):
-    client, runtime = started
-    monkeypatch.setenv("MNIST_EDGE_DP_EPSILON", "8")
+def test_a_corrupt_ledger_fails_train_tasks_and_is_left_as_it_was(node_with_budget, seed_path, ledger_file):
+    client, runtime = node_with_budget(8)
     train(client, {}, seed_path)
-    path = workdir / ledger.LEDGER_NAME
+    path = ledger_file
     text = path.read_text().replace('"noise_multiplier": 1.0', '"noise_multiplier": 4.0')  # "more noise"
     path.write_text(text)
     checks = runtime.checks
@@ -150,12 +159,11 @@ def test_a_corrupt_ledger_fails_train_tasks_and_is_left_as_it_was(started, seed_
     assert path.read_text() == text and runtime.checks == checks
 
 
-def test_validate_and_predict_are_not_charged(started, seed_path, workdir, monkeypatch):
-    client, _ = started
-    monkeypatch.setenv("MNIST_EDGE_DP_EPSILON", "8")
+def test_validate_and_predict_are_not_charged(node_with_budget, seed_path, ledger_file):
+    client, _ = node_with_budget(8)
     metrics = call(client, client.validate_callback, seed_model(seed_path))
     summary = call(client, client.inference_callback, seed_model(seed_path), {"data": "test"})
-    assert not DP_KEYS & (set(metrics) | set(summary)) and not (workdir / ledger.LEDGER_NAME).exists()
+    assert not DP_KEYS & (set(metrics) | set(summary)) and not (ledger_file).exists()
 
 
 @pytest.mark.parametrize("name,value,rule", [
@@ -165,15 +173,16 @@ def test_validate_and_predict_are_not_charged(started, seed_path, workdir, monke
     ("MNIST_EDGE_DP_DELTA", "0", "a number between 0 and 1"),
     ("MNIST_EDGE_DP_DELTA", "1", "a number between 0 and 1"),
 ])
-def test_a_bad_node_budget_fails_naming_the_variable(name, value, rule):
-    with pytest.raises(privacy.PrivacyError, match=f"environment variable {name} must be {rule}.*{value!r}"):
-        privacy.NodeBudget.from_env({name: value})
+def test_a_bad_node_budget_fails_naming_the_variable(name, value, rule, tmp_path):
+    with pytest.raises(NodeConfigError, match=f"environment variable {name} must be {rule}.*{value!r}"):
+        privacy_from({name: value}, tmp_path, tmp_path)
 
 
-def test_the_default_delta_and_no_budget():
-    assert privacy.NodeBudget.from_env({}) == privacy.NodeBudget(None, 1e-5)
-    assert privacy.NodeBudget.from_env({"MNIST_EDGE_DP_EPSILON": "2", "MNIST_EDGE_DP_DELTA": "1e-6"}) == \
-        privacy.NodeBudget(2.0, 1e-6)
+def test_the_default_delta_and_no_budget(tmp_path):
+    ledger_path = tmp_path / STATE_DIR / LEDGER_NAME
+    assert privacy_from({}, tmp_path, tmp_path) == PrivacyLimits(None, 1e-5, ledger=ledger_path)
+    assert privacy_from({"MNIST_EDGE_DP_EPSILON": "2", "MNIST_EDGE_DP_DELTA": "1e-6"}, tmp_path, tmp_path) == \
+        PrivacyLimits(2.0, 1e-6, ledger=ledger_path)
 
 
 # -- round settings -----------------------------------------------------------------------------
@@ -204,13 +213,13 @@ def test_dp_settings_default_to_unset_and_are_floats():
 
 def test_an_unreachable_epsilon_target_is_refused_naming_the_setting():
     with pytest.raises(privacy.PrivacyError, match="setting 'dp_epsilon' 0.01 cannot be reached"):
-        privacy.plan_round(parse_settings({"dp_epsilon": 0.01}), 1000, privacy.NodeBudget(None))
+        privacy.plan_round(parse_settings({"dp_epsilon": 0.01}), 1000, PrivacyLimits())
 
 
 def test_sample_rate_is_batch_size_over_n_and_steps_what_the_sampler_draws():
-    plan = privacy.plan_round(parse_settings({"batch_size": 30, "epochs": 3}), 700, privacy.NodeBudget(5.0))
+    plan = privacy.plan_round(parse_settings({"batch_size": 30, "epochs": 3}), 700, PrivacyLimits(5.0))
     assert plan.sample_rate == 30 / 700 and plan.steps == 3 * 23  # int(700 / 30) batches per epoch
-    small = privacy.plan_round(parse_settings({"batch_size": 64}), 40, privacy.NodeBudget(5.0))
+    small = privacy.plan_round(parse_settings({"batch_size": 64}), 40, PrivacyLimits(5.0))
     assert (small.sample_rate, small.steps, small.expected_batch_size) == (1.0, 1, 40)
 
 
@@ -229,7 +238,7 @@ def test_dp_sgd_learns_on_real_mnist(mnist5k):
     settings = parse_settings({"dp_noise_multiplier": 0.5, "optimizer": "sgd", "learning_rate": 0.5})
     net = model.new_model(0)
     before = training.evaluate(net, x_test, y_test)[1]
-    plan = privacy.plan_round(settings, len(y), privacy.NodeBudget(None))
+    plan = privacy.plan_round(settings, len(y), PrivacyLimits())
     result = dpsgd.train_private(net, x, y, settings, plan)
     after = training.evaluate(net, x_test, y_test)[1]
     assert before < 0.15 and after > 0.3, (before, after)
@@ -244,7 +253,7 @@ def test_per_sample_gradients_are_clipped_to_c(mnist5k):
                                "dp_noise_multiplier": 1e-6, "dp_max_grad_norm": c})
     net = model.new_model(0)
     before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
-    plan = privacy.plan_round(settings, 64, privacy.NodeBudget(None))
+    plan = privacy.plan_round(settings, 64, PrivacyLimits())
     dpsgd.train_private(net, x[:64], y[:64], settings, plan)
     moved = float((torch.cat([p.detach().flatten() for p in net.parameters()]) - before).norm())
     assert 0.05 * c < moved <= c * 1.001, moved  # unclipped, the seed model's gradient is ~1
@@ -253,7 +262,7 @@ def test_per_sample_gradients_are_clipped_to_c(mnist5k):
 def test_the_noise_does_not_follow_the_rounds_seed(mnist5k):
     x, y, _, _ = held_out(mnist5k)
     settings = parse_settings({"batch_size": 100, "seed": 7, "dp_noise_multiplier": 1.0})
-    plan = privacy.plan_round(settings, 200, privacy.NodeBudget(None))
+    plan = privacy.plan_round(settings, 200, PrivacyLimits())
     weights = []
     for _ in range(2):
         net = model.new_model(0)
@@ -265,7 +274,7 @@ def test_the_noise_does_not_follow_the_rounds_seed(mnist5k):
 def test_empty_poisson_batches_still_step_and_report_finite_metrics(mnist5k):
     x, y, _, _ = held_out(mnist5k)
     settings = parse_settings({"batch_size": 1, "dp_noise_multiplier": 1.0})
-    plan = privacy.plan_round(settings, 40, privacy.NodeBudget(None))  # P(empty batch) = 0.975^40 ~ 36 %
+    plan = privacy.plan_round(settings, 40, PrivacyLimits())  # P(empty batch) = 0.975^40 ~ 36 %
     seen = []
     net = model.new_model(0)
     result = dpsgd.train_private(net, x[:40], y[:40], settings, plan, on_batch=lambda: seen.append(1))
@@ -275,13 +284,11 @@ def test_empty_poisson_batches_still_step_and_report_finite_metrics(mnist5k):
     assert not any(hasattr(p, "grad_sample") for p in net.parameters())  # back to a plain CNN
 
 
-def test_a_dp_round_leaves_the_shared_cnn_unwrapped(started, seed_path, monkeypatch):
-    client, _ = started
-    monkeypatch.setenv("MNIST_EDGE_DP_EPSILON", "8")
+def test_a_dp_round_leaves_the_shared_cnn_unwrapped(node_with_budget, seed_path):
+    client, _ = node_with_budget(None)
     tasks = client.train_callback.__self__
-    train(client, {"batch_size": 500}, seed_path)
+    train(client, {"batch_size": 500, "dp_noise_multiplier": 1.0}, seed_path)
     assert type(tasks.net) is model.Net and not tasks.net._forward_hooks
     assert all(not m._forward_hooks and not m._backward_hooks for m in tasks.net.modules())
-    monkeypatch.delenv("MNIST_EDGE_DP_EPSILON")
     _, meta = train(client, {"seed": 2}, seed_path)  # the next plain round trains as usual
-    assert not DP_KEYS & set(meta) and meta["training_metadata"]["num_examples"] == N_TRAIN
+    assert not DP_KEYS & set(meta) and meta["num_examples"] == N_TRAIN

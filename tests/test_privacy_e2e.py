@@ -17,6 +17,7 @@ from combiner import TRAIN, TestCombiner
 from e2e_helpers import EdgeNode, Fleet, fedavg, load_npz_params, package_tarball, prepare_shards, unpack
 from opacus.accountants import RDPAccountant
 
+from mnist_edge.node import LEDGER_NAME
 from mnist_edge import data, ledger
 
 pytestmark = pytest.mark.e2e
@@ -104,7 +105,7 @@ def test_every_update_carries_the_audit_numbers_and_matches_the_nodes_ledger(fed
     fleet, _, _ = federation
     for node in fleet.nodes:
         n_train = len(data.load_split(node.data_dir, "train"))  # 667 or 666
-        records = ledger.read(node.workdir / ledger.LEDGER_NAME).records
+        records = ledger.read(node.workdir / LEDGER_NAME).records
         trained = [r["metas"][node.name] for r in rounds if node.name in r["metas"]]
         assert len(records) == len(trained) == (ALLOWED if node.name == "client-0" else ROUNDS)
         for number, (meta, record) in enumerate(zip(trained, records, strict=True), start=1):

@@ -238,10 +238,11 @@ def test_an_unreadable_test_split_still_gets_training_metrics(node_dir, seed_pat
         result = run_unprivileged(f"""
             import json
             from scaleout import ScaleoutModel
-            from mnist_edge import edge, model, runtime
+            from scaleoututil.helpers.helpers import get_helper
+            from mnist_edge import model, runtime
             recorder = runtime.LocalRuntime()
             client = runtime.local_client({str(node_dir)!r}, recorder, workdir={str(tmp_path)!r})
-            seed = ScaleoutModel.from_training_model(model.load_npz({str(seed_path)!r}), edge.HELPER)
+            seed = ScaleoutModel.from_training_model(model.load_npz({str(seed_path)!r}), get_helper("numpyhelper"))
             print(json.dumps(runtime.run_task(client, "validate", seed)))
             print(recorder.attributes[-1]["validation_error"])
         """)

@@ -12,7 +12,7 @@ import torch
 
 from conftest import MODEL_CACHE
 
-from mnist_edge import data, edge, model, runtime, training
+from mnist_edge import container, data, model, runtime, training
 from mnist_edge.cli import main
 from mnist_edge.prepare import prepare
 from mnist_edge.simulate import fedavg, simulate
@@ -118,7 +118,7 @@ def test_a_round_is_the_clients_models_weighted_by_their_examples(tmp_path, mnis
 
     def recording(client, task, *args, **kwargs):
         local, meta = run_task(client, task, *args, **kwargs)
-        sent.append((edge.params_from(local), meta["training_loss"]))
+        sent.append((container.params_from(local), meta["training_metadata"]["training_loss"]))
         return local, meta
 
     monkeypatch.setattr(runtime, "run_task", recording)

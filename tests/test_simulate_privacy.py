@@ -14,6 +14,7 @@ from conftest import make_node
 from matplotlib.image import imread
 from opacus.accountants import RDPAccountant
 
+from mnist_edge.node import LEDGER_NAME
 from mnist_edge import ledger
 from mnist_edge.cli import main
 from mnist_edge.simulate import NODES_DIR
@@ -71,7 +72,7 @@ def test_each_node_spends_its_own_budget_and_sits_out_once_it_is_spent(clients_d
     assert f"epsilon spent {float(trained[0]['dp_epsilon_spent']):.3f}" in printed and "refused: 0" in printed
 
     for client, expected in (("client-0", small), ("client-1", large)):
-        records = ledger.read(tmp_path / "run" / NODES_DIR / client / ledger.LEDGER_NAME).records
+        records = ledger.read(tmp_path / "run" / NODES_DIR / client / LEDGER_NAME).records
         assert len(records) == expected and records[-1].epsilon_total == pytest.approx(spent(client, expected))
     assert imread(tmp_path / "run" / "curves.png").shape[1] == 1500  # a third panel: epsilon per round
 

@@ -33,13 +33,8 @@ def batches_seen(monkeypatch):
 
 
 def test_every_image_once_per_epoch_in_batches_with_hooks_and_metrics(mnist5k, batches_seen):
-    """100 images, batches of 2, 2 epochs: 50 batches an epoch, so each 50-batch window is an epoch
-    and its metrics must equal the epoch's.
-
-    Mutations: a batch loop that starts at 1 or counts to ``batch_size``, no reshuffle, a batch
-    counter that starts at 1 or counts down, running sums that start at 1, hooks not passed on,
-    the 50-batch window or the epoch line not logged: one of these assertions fails.
-    """
+    """100 images, batches of 2, 2 epochs: every image once per epoch, reshuffled, the abort hook
+    before every batch, and metrics every 50 batches and per epoch (here the same windows, so equal)."""
     images, labels = mnist5k
     pick = np.random.default_rng(2).permutation(len(labels))[:100]
     new_model, seen = batches_seen
@@ -53,7 +48,7 @@ def test_every_image_once_per_epoch_in_batches_with_hooks_and_metrics(mnist5k, b
     epochs = [seen[:50], seen[50:]]
     assert [sum(total for _, total in epoch) for epoch in epochs] == pytest.approx([whole, whole], rel=1e-5)
     assert [total for _, total in epochs[0]] != [total for _, total in epochs[1]]  # reshuffled
-    assert (result.num_examples, result.epochs, result.batches, result.precision) == (100, 2, 100, "fp32")
+    assert (result.num_examples, result.batches, result.precision) == (100, 100, "fp32")
     assert len(metrics) == 4 and all(set(m) == {"training_loss", "training_accuracy"} for m in metrics)
     assert metrics[0] == metrics[1] and metrics[2] == metrics[3] and metrics[1] != metrics[3]
     for m in metrics:
@@ -85,7 +80,7 @@ def test_a_batch_of_all_images_is_one_batch_an_epoch(mnist5k, batches_seen):
 
 @pytest.mark.parametrize("precision, compute", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_the_precision_asked_for_is_the_precision_computed(mnist5k, precision, compute):
-    """Mutation: autocast enabled whatever ``bf16`` says, or the setting not read: fp32 computes in bf16."""
+    """``fp32`` computes in float32 and ``bf16`` in bfloat16, whatever the hardware."""
     images, labels = mnist5k
     net = model.new_model(0)
     dtypes = set()
@@ -109,14 +104,20 @@ def test_weights_that_overflow_in_the_last_step_are_caught_naming_the_batch(mnis
     assert str(error.value) == f"training diverged (weights not finite after batch 1); {ADVICE}"
 
 
-@pytest.mark.parametrize("loss_sum", [float("nan"), float("inf")])
-def test_a_non_finite_loss_is_named_with_its_batch(loss_sum):
-    training.check_finite_loss(12.5, 5, 3)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_loss_is_named_with_its_batch_at_the_next_report(bad):
+    """The running sums are checked where they are reported: the epoch's end names the last batch,
+    with the window's mean loss; finite windows report as usual."""
+    reported = []
+    window = training.MetricWindow(reported.append)
+    window.add(torch.tensor(12.5), 4, 5)
+    window.end_epoch()
+    assert reported == [{"training_loss": 2.5, "training_accuracy": 0.8}] and window.last_epoch() == (2.5, 0.8)
+    window.add(torch.tensor(1.0), 1, 2)
+    window.add(torch.tensor(bad), 0, 3)
     with pytest.raises(TrainingDiverged) as error:
-        training.check_finite_loss(loss_sum, 5, 3)
-    assert str(error.value) == f"training diverged (loss {loss_sum} at batch 3); {ADVICE}"
-    with pytest.raises(TrainingDiverged, match=r"^training diverged \(loss nan at batch 0\)"):
-        training.check_finite_loss(float("nan"), 0, 0)
+        window.end_epoch()
+    assert str(error.value) == f"training diverged (loss {bad / 5} at batch 3); {ADVICE}"
 
 
 @pytest.mark.parametrize("name, kind, extra", [
@@ -183,8 +184,8 @@ def test_cpu_features_come_from_torch_or_from_its_older_x86_checks(monkeypatch):
 
 
 def test_the_same_seed_trains_the_same_weights_whatever_the_label_type(mnist5k):
-    """Mutations: the shuffle or the dropout masks not drawn from the seed (``randperm`` without the
-    seeded generator, ``BatchGradient(..., None)``), or labels not made int64 (int32 labels fail in torch)."""
+    """A round's ``seed`` fixes the shuffle and the dropout masks: the same seed gives bit-identical
+    weights (whatever integer type the labels have), another seed other weights."""
     images, labels = mnist5k
     pick = np.random.default_rng(6).permutation(len(labels))[:64]
 
@@ -201,20 +202,16 @@ def test_the_same_seed_trains_the_same_weights_whatever_the_label_type(mnist5k):
 
 @pytest.mark.parametrize("count, batch_size", [(130, 2), (1, 1)])
 def test_the_reported_loss_and_accuracy_are_those_of_the_batches(mnist5k, monkeypatch, count, batch_size):
-    """Each batch's summed loss and correct count, as the update step returned them, recorded; the
-    metrics and the result must be their float64 sums over the window or the epoch, divided by its images.
-
-    Mutations: a window sum replaced by the last batch's (``=`` for ``+=``) or subtracted, a float32
-    window sum, a window that ends at ``>`` instead of ``>=`` (the last partial window lost), a mean
-    over at least 2 images (one image's loss halved).
-    """
+    """The metrics and the result are the float64 sums of every batch's summed loss and correct
+    count (as each step returned them) over the window or the epoch, divided by its images: the
+    last partial window counts, and one image is one image."""
     images, labels = mnist5k
     pick = np.random.default_rng(5).permutation(len(labels))[:count]
     steps: list[tuple[float, int, int]] = []
     real_step = training.train_step
 
-    def recording(gradient, optimizer, x, y):
-        loss_sum, correct = real_step(gradient, optimizer, x, y)
+    def recording(net, optimizer, x, y, bf16, generator):
+        loss_sum, correct = real_step(net, optimizer, x, y, bf16, generator)
         steps.append((float(loss_sum.double()), int(correct), len(y)))
         return loss_sum, correct
 
@@ -243,11 +240,7 @@ def test_the_reported_loss_and_accuracy_are_those_of_the_batches(mnist5k, monkey
 
 
 def test_a_loss_that_stops_being_finite_during_training_is_named_with_its_batch(mnist5k):
-    """Batch 1 sends the weights to inf, so batch 2's loss is NaN: the window ending there names it.
-
-    Mutation: the window's image count or the batch number not passed to the check (a TypeError or
-    "at batch None" instead of this message).
-    """
+    """Batch 1 sends the weights to inf, so batch 2's loss is NaN: the window ending there names it."""
     images, labels = mnist5k
     pick = np.random.default_rng(0).permutation(len(labels))[:64]
     net = model.new_model(0)
@@ -260,20 +253,29 @@ def test_a_loss_that_stops_being_finite_during_training_is_named_with_its_batch(
     assert str(error.value) == f"training diverged (loss nan at batch 2); {ADVICE}"
 
 
-def test_training_on_the_cpu_keeps_freed_memory_and_computes_in_channels_last(mnist5k):
-    """README "Performance": glibc keeps freed buffers, and the convolutions run on channels_last weights.
-
-    Mutations: the allocator set-up skipped on the CPU (``device.type != "cpu"``), the net moved
-    without its memory format (``net.to(device)``, ``memory_format=None``), or ``memory_format_for``
-    choosing channels_last nowhere or everywhere (a GPU measured no gain from it).
-    """
+def test_training_on_the_cpu_computes_in_channels_last_and_hands_back_a_plain_net(mnist5k):
+    """On the CPU the convolutions run on channels_last weights (bench/README.rst "Training speed");
+    the CNN comes back in the default layout. A GPU measured no gain from it."""
     images, labels = mnist5k
     layouts = []
     net = model.new_model(0)
     net.conv2.register_forward_pre_hook(  # conv1 has one input channel: both layouts are the same there
         lambda module, args: layouts.append(module.weight.is_contiguous(memory_format=torch.channels_last)))
-    hardware.keep_freed_memory.cache_clear()
     training.train(net, images[:8], labels[:8], parse_settings({"batch_size": 8, "precision": "fp32"}), device=CPU)
-    assert hardware.keep_freed_memory.cache_info().currsize == 1
     assert layouts == [True] and net.conv2.weight.is_contiguous()
     assert hardware.memory_format_for(torch.device("cuda")) == torch.contiguous_format  # a device name, no GPU needed
+
+
+def test_the_process_keeps_freed_memory_unless_the_user_tuned_the_allocator():
+    """Set up once where a process starts: glibc's thresholds, unless ``MALLOC_*_`` says the user chose."""
+    hardware.keep_freed_memory.cache_clear()
+    hardware.configure_process(None, {"MALLOC_TRIM_THRESHOLD_": "131072"})
+    assert hardware.keep_freed_memory.cache_info().currsize == 1
+    assert hardware.keep_freed_memory(True) is False
+    threads = torch.get_num_threads()
+    try:
+        hardware.configure_process(1, {})
+        assert torch.get_num_threads() == 1
+        assert hardware.keep_freed_memory(False) is (__import__("platform").libc_ver()[0] == "glibc")
+    finally:
+        torch.set_num_threads(threads)

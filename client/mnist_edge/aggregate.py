@@ -9,28 +9,15 @@ aggregated model can be traced back to the exact models and data it came from.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
-from . import model
+from . import files, meta, model
 from .model import ModelFileError
-from .standalone import (
-    DEFAULT_MODEL_NAME,
-    META_SUFFIX,
-    MODEL_KIND,
-    meta_count,
-    meta_path,
-    output_path,
-    read_meta,
-    shown,
-)
+from .standalone import DEFAULT_MODEL_NAME, output_path
 
 
 class ModelSetError(ModelFileError):
@@ -68,42 +55,28 @@ def fedavg(results: Iterable[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
 
 def check_member(directory: Path) -> Member:
     """Check one model directory's meta; refuse it with the file and key at fault."""
-    metas = sorted(directory.glob("*" + META_SUFFIX))
+    metas = sorted(directory.glob("*" + meta.SUFFIX))
     if len(metas) != 1:
-        raise ModelSetError(f"{directory}: expected one *{META_SUFFIX} beside the model, "
+        raise ModelSetError(f"{directory}: expected one *{meta.SUFFIX} beside the model, "
                             f"found {[m.name for m in metas][:5]}")
     meta_file = metas[0]
-    meta = read_meta(meta_file)
-    if meta.get("model_kind") != MODEL_KIND:
-        raise ModelSetError(f"{meta_file}: 'model_kind' must be {json.dumps(MODEL_KIND)}, "
-                            f"got {shown(meta.get('model_kind'))}")
-    num_examples = meta_count(meta, "num_examples", meta_file)
-    model_file = meta.get("model_file", DEFAULT_MODEL_NAME)
+    record = meta.read(meta_file)
+    if record.get("model_kind") != meta.MODEL_KIND:
+        raise ModelSetError(f"{meta_file}: 'model_kind' must be {meta.shown(meta.MODEL_KIND)}, "
+                            f"got {meta.shown(record.get('model_kind'))}")
+    num_examples = meta.num_examples(record, meta_file)
+    model_file = record.get("model_file", DEFAULT_MODEL_NAME)
     plain_name = isinstance(model_file, str) and Path(model_file).name == model_file
     if not plain_name or model_file in ("", ".", ".."):
         raise ModelSetError(f"{meta_file}: 'model_file' must be a file name inside {directory}, "
-                            f"got {shown(model_file)}")
+                            f"got {meta.shown(model_file)}")
     path = directory / model_file
     if not path.is_file():
         raise ModelSetError(f"{path}: no such model file (named by {meta_file.name})")
-    fingerprint = meta.get("data_fingerprint")
-    return Member(directory, path, num_examples, meta_count(meta, "round", meta_file, default=1),
-                  fingerprint if isinstance(fingerprint, str) else None,
-                  _sha256(path))
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def load_params(member: Member) -> list[np.ndarray]:
-    """The member's parameters, checked for shape (by :mod:`model`) and finiteness."""
-    params = model.load_model_file(member.model_file)
-    for index, array in enumerate(params):
-        if not np.isfinite(array).all():
-            raise ModelSetError(f"{member.model_file}: array {index} holds NaN or infinity")
-    return params
+    fingerprint = record.get("data_fingerprint")
+    return Member(directory, path, num_examples, meta.round_of(record, meta_file),
+                  fingerprint if isinstance(fingerprint, str) and len(fingerprint) <= 64 else None,
+                  files.sha256_file(path))
 
 
 def find_members(model_set: Path) -> list[Path]:
@@ -113,7 +86,7 @@ def find_members(model_set: Path) -> list[Path]:
     entries = sorted(p for p in model_set.iterdir() if not p.name.startswith("."))
     stray = [p.name for p in entries if not p.is_dir()]
     if stray:
-        hint = " (that is one model, not a model_set)" if any(s.endswith(META_SUFFIX) for s in stray) else ""
+        hint = " (that is one model, not a model_set)" if any(s.endswith(meta.SUFFIX) for s in stray) else ""
         raise ModelSetError(f"{model_set}: expected only model directories, found files {stray[:5]}{hint}")
     if not entries:
         raise ModelSetError(f"{model_set}: empty model_set, expected one directory per model")
@@ -123,10 +96,13 @@ def find_members(model_set: Path) -> list[Path]:
 def aggregate(model_set: str | Path, out: str | Path) -> tuple[Path, dict[str, Any]]:
     """FedAvg the set into ``out`` (a ``.pth``, or ``mnist.pth`` in a directory) with its meta."""
     members = [check_member(p) for p in find_members(Path(model_set))]
-    params = fedavg((load_params(m), m.num_examples) for m in members)
-    target = model.save_pth(params, output_path(str(out), DEFAULT_MODEL_NAME))
-    meta = {
-        "model_kind": MODEL_KIND,
+    target = output_path(out, DEFAULT_MODEL_NAME)
+    for path in (target, meta.meta_path(target)):  # before the work, not after it
+        files.check_target(path)
+    params = fedavg((model.load_model_file(m.model_file), m.num_examples) for m in members)
+    model.save_pth(params, target)
+    record = {
+        "model_kind": meta.MODEL_KIND,
         "model_state": "aggregated",
         "round": max(m.round for m in members),
         "model_file": target.name,
@@ -135,25 +111,7 @@ def aggregate(model_set: str | Path, out: str | Path) -> tuple[Path, dict[str, A
         "parents": [{"model": m.directory.name, "model_sha256": m.model_sha256,
                      "data_fingerprint": m.data_fingerprint, "num_examples": m.num_examples, "round": m.round}
                     for m in members],
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": meta.now(),
     }
-    meta_path(target).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return target, meta
-
-
-def cmd_aggregate(args: argparse.Namespace) -> int:
-    target, meta = aggregate(args.model_set, args.out)
-    print(f"aggregated {len(meta['parents'])} models ({meta['num_examples']} examples, "
-          f"round {meta['round']}) into {target} and {meta_path(target)}")
-    return 0
-
-
-def add_command(commands: argparse._SubParsersAction) -> None:
-    """Register ``aggregate`` on the CLI's subparsers."""
-    p = commands.add_parser("aggregate",
-                            help="FedAvg a directory of trained models (weighted by num_examples)")
-    p.add_argument("model_set", metavar="MODEL_SET_DIR",
-                   help="a directory of model directories, each with mnist.pth and mnist.xdata-meta.json")
-    p.add_argument("out", metavar="OUT.pth",
-                   help=f"model file to write, or a directory ({DEFAULT_MODEL_NAME} inside)")
-    p.set_defaults(func=cmd_aggregate)
+    meta.write(meta.meta_path(target), record)
+    return target, record

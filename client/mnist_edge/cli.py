@@ -1,30 +1,39 @@
-"""``python -m mnist_edge COMMAND``: the tools around the compute package.
+"""``python -m mnist_edge COMMAND``: every command's arguments, and nothing else.
 
-Each command is a small function; errors the user can fix (a bad path, a bad file, a bad
-argument) print one line naming what is wrong and exit 2 instead of a traceback.
+Each command calls one library function with plain arguments. The node's environment is read
+here, once, where the process starts. Modules are imported when their command runs, so the
+commands that work without Scaleout (``train``, ``predict``, ...) never load it. An error the user
+can fix (a bad path, file, argument or node variable) prints one line naming it and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Callable
 
-from . import aggregate, privacy, simulate, standalone
-from .data import DataError
-from .model import ModelFileError
-from .partition import PARTITIONS, PartitionError
-from .paths import PathError
-from .prepare import SourceError
-from .privacy import PrivacyError
-from .settings import SettingsError
-from .simulate import SimulationError
-from .training import TrainingDiverged
+from .errors import UserError
+from .node import DEFAULT_DELTA, DP_DELTA, DP_EPSILON, LEDGER_NAME, STATE_DIR
+from .partition import PARTITIONS
+from .settings import DP_SETTINGS, TrainSettings
 
-# OSError (paths.OutputError among them): an output path that cannot be written (its message names the path).
-USER_ERRORS = (DataError, ModelFileError, SourceError, SettingsError, PartitionError, SimulationError, PrivacyError,
-               PathError, TrainingDiverged, OSError)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _configure_process() -> None:
+    """Threads (``MNIST_EDGE_THREADS``, or a share of the box) and the allocator, for commands that train."""
+    from . import hardware, node
+
+    hardware.configure_process(node.threads_from(os.environ, hardware.cpu_count()), os.environ)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -38,9 +47,92 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import simulate
+
+    _configure_process()
+    history = simulate(args.data, args.rounds, args.out, epochs=args.epochs, batch_size=args.batch_size,
+                       learning_rate=args.learning_rate, clients_per_round=args.clients_per_round,
+                       seed=args.seed, init=args.init, progress=not args.no_progress,
+                       dp_settings=_dp_settings(args), dp_budget=args.dp_budget, dp_delta=args.dp_delta)
+    final = history[-1]
+    print(f"final global test_accuracy {final.test_accuracy:.4f} after {final.round} rounds")
+    print(f"curves: {args.out / 'curves.png'}  history: {args.out / 'history.csv'}  "
+          f"model: {args.out / 'global.npz'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import node, standalone
+
+    settings = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name) is not None}
+    limits = node.privacy_from(os.environ, standalone.dataset_directory(args.dataset), Path.cwd())
+    if args.ledger is not None:
+        limits = replace(limits, ledger=args.ledger.absolute())
+    _configure_process()
+    standalone.train(args.dataset, args.model, settings, limits, init=args.init)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from . import standalone
+
+    _configure_process()
+    standalone.predict(args.model, args.dataset, args.result)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import standalone
+
+    standalone.convert(args.source, args.out, "pth")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from . import standalone
+
+    standalone.convert(args.source, args.out, "npz")
+    return 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from . import aggregate, meta
+
+    target, record = aggregate.aggregate(args.model_set, args.out)
+    print(f"aggregated {len(record['parents'])} models ({record['num_examples']} examples, "
+          f"round {record['round']}) into {target} and {meta.meta_path(target)}")
+    return 0
+
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    from . import hardware, privacy
+    from .node import NodeConfig
+
+    limits = NodeConfig.from_environment(os.environ, Path.cwd(), hardware.cpu_count()).privacy
+    if args.ledger is not None:
+        limits = replace(limits, ledger=args.ledger.absolute())
+    print(privacy.describe(limits))
+    return 0
+
+
+def _dp_settings(args: argparse.Namespace) -> dict[str, float]:
+    return {key: value for key in DP_SETTINGS if (value := getattr(args, key)) is not None}
+
+
+def _add_dp_arguments(p: argparse.ArgumentParser) -> None:
+    """``--dp-noise-multiplier``, ``--dp-max-grad-norm``, ``--dp-epsilon``: the round settings' names."""
+    p.add_argument("--dp-noise-multiplier", type=float, metavar="SIGMA",
+                   help="DP-SGD noise multiplier (default 1.0 when DP runs)")
+    p.add_argument("--dp-max-grad-norm", type=float, metavar="C",
+                   help="per-sample gradient clip norm (default 1.0 when DP runs)")
+    p.add_argument("--dp-epsilon", type=float, metavar="EPS", help="target epsilon of this run (sets sigma)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mnist_edge", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    defaults = TrainSettings()
 
     p = commands.add_parser("prepare", help="split an MNIST source into per-client shard directories")
     p.add_argument("--source", default="mnist5k", help="mnist5k (offline, bundled), MNIST IDX files, or mnist.npz")
@@ -54,22 +146,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes-per-client", type=int, default=None, help="digits each client holds (shards)")
     p.set_defaults(func=cmd_prepare)
 
-    simulate.add_command(commands)
+    p = commands.add_parser("simulate", help="run a FedAvg federation over prepared clients on this machine")
+    p.add_argument("--data", type=Path, required=True, help="`prepare` output (client-<i>/...)")
+    p.add_argument("--rounds", type=int, required=True, help="federated rounds")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="local epochs per round (default 1)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="local batch size (default 64)")
+    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+                   help="Adadelta learning rate (default 1.0)")
+    p.add_argument("--clients-per-round", type=int, default=None, help="clients drawn per round (default all)")
+    p.add_argument("--seed", type=int, default=0, help="initial model, client sampling and local shuffling")
+    p.add_argument("--init", type=Path, default=None, help="start from this seed/global .npz")
+    p.add_argument("--out", type=Path, required=True, help="run directory for history, curves and models")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_dp_arguments(p)
+    p.add_argument("--dp-budget", type=float, metavar="EPS",
+                   help=f"every client's node budget ({DP_EPSILON}): with it every round runs DP-SGD")
+    p.add_argument("--dp-delta", type=float, metavar="DELTA",
+                   help=f"every client's {DP_DELTA} (default {DEFAULT_DELTA:g})")
+    p.set_defaults(func=cmd_simulate)
 
-    standalone.add_commands(commands)
-    aggregate.add_command(commands)
-    privacy.add_command(commands)
+    p = commands.add_parser("train", help="train the CNN on a CSV shard or directory; write a .pth")
+    p.add_argument("--model", required=True, metavar="OUT", help="model file to write (.pth; .npz for the "
+                   "federation), or an existing directory (mnist.pth inside)")
+    p.add_argument("--epochs", "--epoch", type=int, metavar="N", help=f"passes over the data (default {defaults.epochs})")
+    p.add_argument("--batch-size", type=int, metavar="B", help=f"default {defaults.batch_size}")
+    p.add_argument("--learning-rate", type=float, metavar="L", help=f"default {defaults.learning_rate}")
+    p.add_argument("--optimizer", metavar="O", help=f"adadelta, sgd or adam (default {defaults.optimizer})")
+    p.add_argument("--seed", type=int, metavar="S",
+                   help="fixes initial weights, shuffling and dropout (default: the seed model's weights)")
+    p.add_argument("--precision", metavar="P", help=f"auto, fp32 or bf16 (default {defaults.precision})")
+    p.add_argument("--init", metavar="MODEL", help="start from this .pth or .npz instead of fresh weights")
+    _add_dp_arguments(p)
+    p.add_argument("--ledger", metavar="PATH", type=Path, default=None,
+                   help=f"privacy ledger DP training charges (default: {STATE_DIR}/{LEDGER_NAME} beside the "
+                        "dataset's shards, or MNIST_EDGE_DP_LEDGER)")
+    p.add_argument("dataset", metavar="DATASET", help="a CSV shard or a directory of shards")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("predict", help="predict a CSV shard or directory into image_id,label,confidence")
+    p.add_argument("--model", required=True, help="a .pth state_dict or a seed/global .npz")
+    p.add_argument("dataset", metavar="DATASET", help="a CSV shard or a directory of shards; labels optional")
+    p.add_argument("result", metavar="RESULT", help="output CSV, or a directory (result.csv inside)")
+    p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("export", help="federation .npz -> PyTorch .pth state_dict")
+    p.add_argument("source", metavar="MODEL.npz")
+    p.add_argument("out", metavar="OUT.pth")
+    p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser("import", help="PyTorch .pth state_dict -> federation .npz")
+    p.add_argument("source", metavar="MODEL.pth")
+    p.add_argument("out", metavar="OUT.npz")
+    p.set_defaults(func=cmd_import)
+
+    p = commands.add_parser("aggregate", help="FedAvg a directory of trained models (weighted by num_examples)")
+    p.add_argument("model_set", metavar="MODEL_SET_DIR",
+                   help="a directory of model directories, each with mnist.pth and mnist.xdata-meta.json")
+    p.add_argument("out", metavar="OUT.pth", help="model file to write, or a directory (mnist.pth inside)")
+    p.set_defaults(func=cmd_aggregate)
+
+    p = commands.add_parser("privacy", help="print this node's privacy ledger and remaining budget")
+    p.add_argument("--ledger", type=Path, default=None,
+                   help=f"ledger file (default: the node's, $SCALEOUT_DATA_DIR/{STATE_DIR}/{LEDGER_NAME})")
+    p.set_defaults(func=cmd_privacy)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

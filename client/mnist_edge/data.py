@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -34,8 +34,7 @@ from .shards import (  # noqa: F401  (re-exported: callers use data.X for the sh
     encode_image,
     read_shard,
 )
-from .paths import atomic_write
-from .shards.hashing import file_sha256
+from .files import atomic_write, sha256_file
 
 log = logging.getLogger("mnist_edge")
 SPLITS = ("predict", "test", "train")
@@ -53,14 +52,9 @@ class Dataset:
     bad_rows: list[BadRow]
     fingerprint: str
     duplicate_image_ids: int = 0
-    shards: list[Shard] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    @property
-    def has_labels(self) -> bool:
-        return bool(len(self.labels)) and bool(np.all(self.labels != NO_LABEL))
 
 
 # -- the cache: decoded shards and datasets, kept while they are current ----------------------
@@ -110,7 +104,7 @@ def cached_shard(path: Path, labels_required: bool) -> tuple[Shard, bool]:
         if not hit.racy:
             return hit.shard, False
         try:
-            unchanged = file_sha256(path) == hit.shard.sha256
+            unchanged = sha256_file(path) == hit.shard.sha256
         except OSError as error:
             raise DataError(f"{path}: cannot read shard ({error.strerror or error})") from error
         if unchanged:
@@ -240,7 +234,7 @@ def _combine(location: Path, shards: list[Shard]) -> Dataset:
         log.warning("%s: %d rows repeat an image_id already seen", location, duplicates)
     fingerprint = hashlib.sha256("".join(s.sha256 for s in shards).encode("ascii")).hexdigest()
     bad_rows = [bad for s in shards for bad in s.bad_rows][:WARN_FIRST]
-    return Dataset(images, labels, ids, [s.path for s in shards], skipped, bad_rows, fingerprint, duplicates, shards)
+    return Dataset(images, labels, ids, [s.path for s in shards], skipped, bad_rows, fingerprint, duplicates)
 
 
 def load_split(data_dir: str | Path, split: str, labels_required: bool = True) -> Dataset:
@@ -250,11 +244,6 @@ def load_split(data_dir: str | Path, split: str, labels_required: bool = True) -
 
 def has_split(data_dir: str | Path, split: str) -> bool:
     return split_location(data_dir, split).exists()
-
-
-def data_dir_from_env() -> Path:
-    """``$SCALEOUT_DATA_DIR`` (default ``data``), relative to the working directory."""
-    return Path(os.environ.get("SCALEOUT_DATA_DIR", "data"))
 
 
 # -- writing ----------------------------------------------------------------------------------

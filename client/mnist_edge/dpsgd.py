@@ -94,10 +94,10 @@ class PrivateTraining:
 
 
 def make_private(net: nn.Module, settings: TrainSettings, plan: RoundPlan, device: torch.device,
-                 mode: str = GRAD_SAMPLE_MODE, use_ghost_clipping: bool = True) -> PrivateTraining:
+                 mode: str = GRAD_SAMPLE_MODE) -> PrivateTraining:
     """Wrap ``net`` (on ``device``) with Opacus for ``plan``; ``mode`` is a ``grad_sample_mode``."""
     ghost = mode == "ghost"
-    extra = {"max_grad_norm": plan.max_grad_norm, "use_ghost_clipping": use_ghost_clipping} if ghost else {}
+    extra = {"max_grad_norm": plan.max_grad_norm, "use_ghost_clipping": True} if ghost else {}
     module = prepare_module(net, mode, batch_first=True, loss_reduction="mean", **extra)
     module.forbid_grad_accumulation()  # Poisson sampling: one backward per step
     optimizer_class = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
@@ -117,8 +117,8 @@ def train_private(
     labels: np.ndarray,
     settings: TrainSettings,
     plan: RoundPlan,
-    on_batch: Callable[[], None] | None = None,
-    on_metrics: Callable[[training.Metrics], None] | None = None,
+    on_batch: training.Hook = None,
+    on_metrics: training.MetricsHook = None,
     device: torch.device | None = None,
 ) -> training.TrainResult:
     """DP-SGD for ``plan.steps`` Poisson-sampled batches; the hooks as in :func:`training.train`.
@@ -145,7 +145,7 @@ def train_private(
     finally:
         private.close()
     training.check_finite_weights(net, batches)
-    return training.TrainResult(len(y_all), settings.epochs, loss, accuracy, batches, PRECISION)
+    return training.TrainResult(len(y_all), loss, accuracy, batches, PRECISION)
 
 
 def _epochs(
@@ -153,31 +153,20 @@ def _epochs(
     loader: DPDataLoader,
     epochs: int,
     device: torch.device,
-    on_batch: Callable[[], None] | None,
-    on_metrics: Callable[[training.Metrics], None] | None,
+    on_batch: training.Hook,
+    on_metrics: training.MetricsHook,
 ) -> tuple[float, float, int]:
     """The loop of :func:`train_private`: (loss, accuracy) of the last epoch and the batches run."""
-    batches, loss_sum, correct, seen = 0, 0.0, 0, 0
+    window = training.MetricWindow(on_metrics, device)
     for _epoch in range(epochs):
-        loss_sum, correct, seen = 0.0, 0, 0
-        window = [0.0, 0, 0]  # loss sum, correct, seen since the last report
         for x_u8, y in loader:
             if on_batch is not None:
                 on_batch()
             y = y.to(device)
             output, loss = private.step(training.to_input(x_u8, device), y)
-            batches += 1
             if len(y):
-                window[0] += float(loss) * len(y)
-                window[1] += int((output.argmax(1) == y).sum())
-                window[2] += len(y)
-            if batches % training.LOG_EVERY_BATCHES == 0 or batches % len(loader) == 0:
-                training.check_finite_loss(window[0], window[2], batches)
-                loss_sum, correct, seen = loss_sum + window[0], correct + window[1], seen + window[2]
-                if on_metrics is not None and batches % training.LOG_EVERY_BATCHES == 0 and window[2]:
-                    on_metrics({"training_loss": window[0] / window[2],
-                                "training_accuracy": window[1] / window[2]})
-                window = [0.0, 0, 0]
-        if on_metrics is not None and seen:
-            on_metrics({"training_loss": loss_sum / seen, "training_accuracy": correct / seen})
-    return loss_sum / max(seen, 1), correct / max(seen, 1), batches
+                window.add(loss * len(y), (output.argmax(1) == y).sum(), len(y))
+            else:  # a Poisson batch may be empty: it still took its noisy step, but has no loss
+                window.add(torch.zeros(()), 0, 0)
+        window.end_epoch()
+    return (*window.last_epoch(), window.batches)

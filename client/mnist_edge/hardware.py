@@ -10,6 +10,7 @@ import ctypes
 import functools
 import os
 import platform
+from typing import Mapping
 
 import torch
 
@@ -78,20 +79,34 @@ ALLOCATOR_MMAP_THRESHOLD = 32 << 20
 ALLOCATOR_TRIM_THRESHOLD = 256 << 20
 
 
+def cpu_count() -> int:
+    """The cores this process may run on (its affinity mask: a container's or taskset's limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def configure_process(threads: int | None, environ: Mapping[str, str]) -> None:
+    """Set up this process for training, once, from the entry point: threads and the allocator."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if select_device().type == "cpu":
+        keep_freed_memory(any(name in environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")))
+
+
 @functools.cache
-def keep_freed_memory() -> bool:
+def keep_freed_memory(user_chose: bool = False) -> bool:
     """Let glibc keep freed training buffers instead of returning them to the system (once per process).
 
     A CPU training step allocates and frees tens of MB (activations, gradients, bf16 copies);
     with glibc's defaults many of those blocks are ``mmap``-ed, unmapped and faulted back in every
     step. Serving blocks up to 32 MB from the heap and keeping up to 256 MB of free heap made a
-    bf16 step ~25 % faster on the reference machine (median ~53 -> ~40 ms, see README
-    Performance); the process keeps its peak memory. glibc only; skipped where the user chose
+    bf16 step ~25 % faster on the reference machine (median ~53 -> ~40 ms, see bench/README.rst);
+    the process keeps its peak memory. glibc only; skipped where the user chose
     (``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set). Returns whether it applied.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+    if user_chose or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL(None)

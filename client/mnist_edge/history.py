@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from . import edge, model
+from . import model
+from .files import atomic_write
+from .report import json_safe
 
 HISTORY_FIELDS = ("round", "clients", "training_loss", "test_loss", "test_accuracy", "seconds",
                   "dp_epsilon_round", "dp_epsilon_spent", "refused")
@@ -49,7 +50,8 @@ def row_text(entry: Round) -> str:
 def write_outputs(out: Path, history: list[Round], params: list[np.ndarray], config: dict[str, Any]) -> None:
     """history.csv / history.json, curves.png, and the final model as global.npz and global.pth."""
     names = sorted(history[0].client_test_accuracy, key=lambda n: int(n.split("-")[1]))
-    with open(out / "history.csv", "w", newline="", encoding="utf-8") as handle:
+
+    def rows(handle) -> None:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow([*HISTORY_FIELDS, *(f"test_accuracy_{n}" for n in names)])
         for h in history:
@@ -57,11 +59,13 @@ def write_outputs(out: Path, history: list[Round], params: list[np.ndarray], con
                              _num(h.test_accuracy), f"{h.seconds:.2f}", _num(h.dp_epsilon_round),
                              _num(h.dp_epsilon_spent), " ".join(map(str, h.refused)),
                              *(_num(h.client_test_accuracy[n]) for n in names)])
-    record = edge.json_safe({"config": config, "rounds": [asdict(h) for h in history]})
-    (out / "history.json").write_text(json.dumps(record, indent=2))
+
+    atomic_write(out / "history.csv", rows)
+    text = json.dumps(json_safe({"config": config, "rounds": [asdict(h) for h in history]}), indent=2) + "\n"
+    atomic_write(out / "history.json", lambda handle: handle.write(text))
     plot_curves(history, out / "curves.png")
     model.save_npz(params, out / "global.npz")
-    torch.save(model.parameters_to_state_dict(params, "global model"), out / "global.pth")
+    model.save_pth(params, out / "global.pth")
 
 
 def _num(value: float | None) -> str:
@@ -101,5 +105,4 @@ def plot_curves(history: list[Round], path: Path) -> Path:
         spent.legend(fontsize="small")
     for axes in panels:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.savefig(path, dpi=100)
-    return path
+    return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100), mode="wb")

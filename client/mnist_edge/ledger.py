@@ -30,17 +30,19 @@ import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
+from .errors import UserError
+from .files import fsync_directory
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no cross-process lock (one client per working directory)
     fcntl = None
 
-LEDGER_NAME = "privacy-ledger.jsonl"
 FORMAT = 1
 ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
 
 
-class PrivacyError(ValueError):
+class PrivacyError(UserError, ValueError):
     """A DP round cannot run as asked; the message says why."""
 
 
@@ -205,20 +207,11 @@ def _locked(path: Path) -> Iterator[IO[bytes]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:
         if created:  # the new directory entry must survive a power cut too
-            _fsync_dir(path.parent)
+            fsync_directory(path.parent)
         if fcntl is not None:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         handle.seek(0)
         yield handle
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def charge(path: str | Path, *, model_id: str, data_fingerprint: str, noise_multiplier: float,

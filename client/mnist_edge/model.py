@@ -11,7 +11,7 @@ import io
 import zipfile
 import zlib
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -19,7 +19,8 @@ from torch import nn
 
 from . import npz
 from .net import Net
-from .paths import atomic_write
+from .errors import UserError
+from .files import atomic_write
 
 PARAMETER_COUNT = 1_199_882
 """Number of trainable scalars in :class:`Net`."""
@@ -27,7 +28,7 @@ MAX_MODEL_BYTES = 16 * PARAMETER_COUNT + (1 << 20)
 """Most a model file may declare it holds: every parameter as float64 twice over, plus headers."""
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserError, ValueError):
     """A model file or parameter list does not hold this CNN."""
 
 
@@ -104,25 +105,19 @@ def parameters_to_state_dict(params: list[np.ndarray], source: str = "parameters
     return {name: torch.from_numpy(np.asarray(a, dtype=np.float32).copy()) for name, a in zip(_SHAPES, params)}
 
 
+def npz_bytes(params: list[np.ndarray]) -> bytes:
+    """``params`` as the federation's npz (float32, see :func:`npz.write_arrays`), after the checks."""
+    check_parameters(params)
+    buffer = io.BytesIO()
+    npz.write_arrays(buffer, [np.asarray(a, dtype=np.float32) for a in params])
+    return buffer.getvalue()
+
+
 def save_npz(params: list[np.ndarray], path: str | Path) -> Path:
-    """Write ``params`` as a numpyhelper npz (keys "0".."7"), byte-identical for equal input.
-
-    ``np.savez`` stamps each zip entry with the current time; fixing the timestamp makes two
-    builds of the same seed produce the same bytes, so a seed can be checked by its hash.
-    """
+    """Write ``params`` as a numpyhelper npz file (keys "0".."7"), byte-identical for equal input."""
     check_parameters(params, str(path))
-
-    def members(handle: IO) -> None:
-        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for index, array in enumerate(params):
-                buffer = io.BytesIO()
-                np.lib.format.write_array(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-                entry = zipfile.ZipInfo(f"{index}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                entry.compress_type = zipfile.ZIP_DEFLATED
-                entry.external_attr = 0o644 << 16
-                archive.writestr(entry, buffer.getvalue())
-
-    return atomic_write(Path(path), members, mode="wb")
+    content = npz_bytes(params)
+    return atomic_write(Path(path), lambda handle: handle.write(content), mode="wb")
 
 
 def read_npz(stream: BinaryIO, source: str) -> list[np.ndarray]:

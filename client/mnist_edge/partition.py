@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import UserError
+
 PARTITIONS = ("iid", "dirichlet", "shards")
 MIN_CLIENT_IMAGES = 10
 """No client gets fewer images: each needs a train and a test split of its own."""
@@ -18,7 +20,7 @@ DIRICHLET_TRIES = 1000
 NUM_CLASSES = 10
 
 
-class PartitionError(ValueError):
+class PartitionError(UserError, ValueError):
     """A partition cannot be made as asked (bad scheme, parameter, or too few images)."""
 
 

@@ -19,15 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from . import npz
+from .errors import UserError
+from .files import atomic_write
 from .data import IMAGE_SIDE, DataError, write_shard
 from .partition import NUM_CLASSES, PartitionError, label_histogram  # noqa: F401  (re-exported)
 from .partition import partition as split
-from .settings import SEED_LIMIT
+from .settings import check_seed
 
 SHARD_ROWS = 10_000
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """An image source cannot be read as MNIST."""
 
 
@@ -204,8 +206,7 @@ def prepare(
     """
     if not 0.0 <= test_fraction < 1.0:
         raise SourceError(f"--test-fraction must be in [0, 1), got {test_fraction}")
-    if not 0 <= seed < SEED_LIMIT:
-        raise SourceError(f"--seed must be an integer from 0 to 2**63-1, got {seed}")
+    check_seed(seed, "--seed")
     images, labels = load_source(source)
     rng = np.random.default_rng(seed)
     parts = split(labels, clients, partition, rng, alpha=alpha, classes_per_client=classes_per_client)
@@ -222,7 +223,8 @@ def prepare(
         "classes_per_client": classes_per_client, "test_fraction": test_fraction,
         "images_unused": unused, "clients": counts,
     }
-    (out / "partition.json").write_text(json.dumps(record, indent=2))
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(out / "partition.json", lambda handle: handle.write(text))
     return counts
 
 

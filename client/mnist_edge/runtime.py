@@ -18,6 +18,7 @@ from scaleout.client.logging_context import LoggingContext
 from scaleout.client.task_receiver import TaskReceiver
 
 from . import edge
+from .node import NodeConfig
 
 
 def attributes_as_sent(attributes: dict) -> dict[str, Any]:
@@ -155,15 +156,19 @@ class LocalRuntime:
         return None
 
 
-def local_client(data_dir: str | Path, runtime: Any | None = None, workdir: str | Path | None = None):
-    """A real ``scaleout.EdgeClient`` on ``runtime`` with this package's callbacks registered.
+def local_client(node: NodeConfig | str | Path, runtime: Any | None = None, workdir: str | Path | None = None):
+    """A real ``scaleout.EdgeClient`` on ``runtime`` with this package's callbacks for ``node``
+    (a data directory alone: a node serving it with the default limits, its ledger in the data).
 
-    ``EdgeClient`` creates its model cache (1.0.7: ``./.model_cache``, 1.1:
-    ``./.scaleout/model_cache``) in ``workdir`` (default: ``data_dir``).
+    ``EdgeClient``'s constructor creates its model cache in the working directory (1.0.7:
+    ``./.model_cache``, 1.1: ``./.scaleout/model_cache``), so it is constructed in ``workdir``
+    (default: the node's data directory); nothing else depends on the working directory.
     """
-    with contextlib.chdir(workdir or data_dir):
+    if not isinstance(node, NodeConfig):
+        node = NodeConfig.for_data(node)
+    with contextlib.chdir(workdir or node.data_dir):
         client = EdgeClient(runtime=runtime or LocalRuntime())
-    edge.register(client, Path(data_dir).resolve())
+    edge.register(client, node)
     return client
 
 

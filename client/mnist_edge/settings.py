@@ -13,6 +13,8 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from .errors import UserError
+
 OPTIMIZERS = ("adadelta", "sgd", "adam")
 PRECISIONS = ("auto", "fp32", "bf16")
 MAX_EPOCHS = 1000
@@ -28,7 +30,7 @@ MAX_DP_EPSILON = 100.0  # a round's target epsilon; far past any meaningful guar
 NODE_OWNED = {"dp_delta": "MNIST_EDGE_DP_DELTA", "dp_budget": "MNIST_EDGE_DP_EPSILON"}
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """A round setting has an unknown key, a wrong type or a value out of range."""
 
 
@@ -86,8 +88,20 @@ def _valid(key: str, value: Any) -> bool:
     if key == "precision":
         return isinstance(value, str) and value.lower() in PRECISIONS
     if key == "seed":
-        return _is_int(value) and 0 <= value < SEED_LIMIT
+        return is_seed(value)
     raise AssertionError(key)
+
+
+def is_seed(value: Any) -> bool:
+    """An integer 0 <= seed < 2**63: what torch and numpy generators both take."""
+    return _is_int(value) and 0 <= value < SEED_LIMIT
+
+
+def check_seed(value: Any, name: str) -> int:
+    """``value`` if it is a seed, else :class:`SettingsError` naming ``name`` (a flag or a setting)."""
+    if not is_seed(value):
+        raise SettingsError(f"{name} must be {_RULES['seed']}, got {_shown(value)}")
+    return value
 
 
 def _shown(value: Any) -> str:

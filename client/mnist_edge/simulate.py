@@ -8,25 +8,24 @@ models weighted by ``num_examples``, and evaluates the global model on the clien
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from . import data, edge, hardware, ledger, model, privacy, runtime, training
+from . import container, data, hardware, model, privacy, runtime, training
 from .aggregate import fedavg
+from .errors import UserError
 from .history import Round, row_text, write_outputs
+from .node import DEFAULT_DELTA, LEDGER_NAME, NodeConfig
 from .progress import track
-from .settings import DP_SETTINGS, SEED_LIMIT, parse_settings
+from .settings import check_seed, parse_settings
 
 NODES_DIR = "nodes"  # OUT/nodes/client-<i>/: each simulated node's working directory (its privacy ledger)
 
 
-class SimulationError(ValueError):
+class SimulationError(UserError, ValueError):
     """The simulation cannot run as asked (no clients, bad round count, missing test split)."""
 
 
@@ -93,8 +92,7 @@ def simulate(
     """
     if rounds < 1:
         raise SimulationError(f"--rounds must be >= 1, got {rounds}")
-    if not 0 <= seed < SEED_LIMIT:
-        raise SimulationError(f"--seed must be an integer from 0 to 2**63-1, got {seed}")
+    check_seed(seed, "--seed")
     client_dirs = find_clients(Path(data_dir))
     per_round = len(client_dirs) if clients_per_round is None else clients_per_round
     if not 1 <= per_round <= len(client_dirs):
@@ -104,9 +102,11 @@ def simulate(
     parse_settings(settings)  # a bad value fails now, not in round 1
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for old_ledger in (out / NODES_DIR).glob(f"client-*/{ledger.LEDGER_NAME}"):
+    for old_ledger in (out / NODES_DIR).glob(f"client-*/{LEDGER_NAME}"):
         old_ledger.unlink()  # a new simulation is a new federation: its nodes start with nothing spent
-    clients = [runtime.local_client(p, workdir=out) for p in client_dirs]
+    nodes = [NodeConfig.for_data(p, epsilon=dp_budget, delta=DEFAULT_DELTA if dp_delta is None else dp_delta,
+                                 ledger=(out / NODES_DIR / p.name / LEDGER_NAME).absolute()) for p in client_dirs]
+    clients = [runtime.local_client(node, workdir=out) for node in nodes]
     params = model.load_npz(init) if init else model.get_parameters(model.new_model(seed))
     evaluate = Evaluator(client_dirs)
     picker = np.random.default_rng(seed)
@@ -116,30 +116,23 @@ def simulate(
     echo(f"{len(clients)} clients, {per_round} per round, {rounds} rounds")
     echo(f"{'round':>5}  {'training_loss':>13}  {'test_accuracy':>13}  {'seconds':>7}")
     echo(row_text(history[0]))
-    log = logging.getLogger("mnist_edge")
-    level = log.level
-    log.setLevel(logging.WARNING)  # the table replaces the per-task info lines; warnings still show
-    try:
-        with privacy.node_environment(dp_budget, dp_delta):
-            for r in range(1, rounds + 1):
-                start = time.perf_counter()
-                chosen = sorted(picker.choice(len(clients), per_round, replace=False).tolist())
-                nodes = [(i, clients[i], out / NODES_DIR / client_dirs[i].name) for i in chosen]
-                outcome = train_round(nodes, params, settings, seed, r, f"round {r}/{rounds}", progress)
-                if outcome is None:
-                    echo(f"round {r}: every chosen client's privacy budget refused it; stopping")
-                    break
-                params, training_loss, metas = outcome
-                test_loss, test_accuracy, per_client = evaluate(params)
-                private = [m for m in metas.values() if "dp_epsilon_spent" in m]
-                history.append(Round(r, sorted(metas), training_loss, test_loss, test_accuracy,
-                                     time.perf_counter() - start, per_client,
-                                     max((m["dp_epsilon_round"] for m in private), default=None),
-                                     max((m["dp_epsilon_spent"] for m in private), default=None),
-                                     sorted(set(chosen) - set(metas))))
-                echo(row_text(history[-1]))
-    finally:
-        log.setLevel(level)
+    for r in range(1, rounds + 1):
+        start = time.perf_counter()
+        chosen = sorted(picker.choice(len(clients), per_round, replace=False).tolist())
+        outcome = train_round([(i, clients[i]) for i in chosen], params, settings, seed, r,
+                              f"round {r}/{rounds}", progress)
+        if outcome is None:
+            echo(f"round {r}: every chosen client's privacy budget refused it; stopping")
+            break
+        params, training_loss, metas = outcome
+        test_loss, test_accuracy, per_client = evaluate(params)
+        private = [m for m in metas.values() if "dp_epsilon_spent" in m]
+        history.append(Round(r, sorted(metas), training_loss, test_loss, test_accuracy,
+                             time.perf_counter() - start, per_client,
+                             max((m["dp_epsilon_round"] for m in private), default=None),
+                             max((m["dp_epsilon_spent"] for m in private), default=None),
+                             sorted(set(chosen) - set(metas))))
+        echo(row_text(history[-1]))
     config = {"data": str(data_dir), "clients": len(clients), "clients_per_round": per_round,
               "rounds": rounds, **settings, "seed": seed, "init": None if init is None else str(init),
               "dp_budget": dp_budget, "dp_delta": dp_delta}
@@ -148,7 +141,7 @@ def simulate(
 
 
 def train_round(
-    chosen: list[tuple[int, Any, Path]],
+    chosen: list[tuple[int, Any]],
     params: list[np.ndarray],
     settings: dict[str, Any],
     seed: int,
@@ -158,66 +151,27 @@ def train_round(
 ) -> tuple[list[np.ndarray], float, dict[int, dict]] | None:
     """Each chosen client trains the global model through its train callback; FedAvg the results.
 
-    A client trains in its own working directory (where its privacy ledger is); one whose budget
-    refuses the round sits it out. Returns the new global parameters, the clients' training loss
+    A client whose privacy budget refuses the round sits it out. Returns the new global parameters, the clients' training loss
     weighted by ``num_examples`` (NaN if a client's loss was not finite) and each client's train
     metadata; None when every client refused.
     """
-    global_model = edge.to_scaleout_model(params)
+    global_model = container.to_scaleout_model(params)
     results, loss_sum, metas = [], 0.0, {}
-    for i, client, workdir in track(chosen, len(chosen), label, "clients", progress):
+    for i, client in track(chosen, len(chosen), label, "clients", progress):
         client_settings = {**settings, "seed": round_seed(seed, round_index, i)}
-        workdir.mkdir(parents=True, exist_ok=True)
         try:
-            with contextlib.chdir(workdir):
-                local, meta = runtime.run_task(client, "train", global_model, client_settings,
-                                               model_id=global_model.model_id, round_id=str(round_index))
+            local, meta = runtime.run_task(client, "train", global_model, client_settings,
+                                           model_id=global_model.model_id, round_id=str(round_index))
         except privacy.BudgetExceeded:
             continue
         except training.TrainingDiverged as error:
             raise SimulationError(f"round {round_index}, client-{i}: {error}; "
                                   "the simulation stopped and wrote no model") from None
-        n = int(meta["training_metadata"]["num_examples"])
-        results.append((edge.params_from(local), n))
-        loss_sum += n * (float("nan") if meta["training_loss"] is None else meta["training_loss"])
-        metas[i] = meta
+        metadata = meta["training_metadata"]
+        n = int(metadata["num_examples"])
+        results.append((container.params_from(local), n))
+        loss_sum += n * (float("nan") if metadata["training_loss"] is None else metadata["training_loss"])
+        metas[i] = metadata
     if not results:
         return None
     return fedavg(results), loss_sum / sum(n for _params, n in results), metas
-
-
-# -- command line ---------------------------------------------------------------------------------
-
-
-def add_command(commands: argparse._SubParsersAction) -> None:
-    """``python -m mnist_edge simulate``: the arguments mirror the round settings' names."""
-    p = commands.add_parser("simulate", help="run a FedAvg federation over prepared clients on this machine")
-    p.add_argument("--data", type=Path, required=True, help="`prepare` output (client-<i>/...)")
-    p.add_argument("--rounds", type=int, required=True, help="federated rounds")
-    p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
-    p.add_argument("--batch-size", type=int, default=64, help="local batch size (default 64)")
-    p.add_argument("--learning-rate", type=float, default=1.0, help="Adadelta learning rate (default 1.0)")
-    p.add_argument("--clients-per-round", type=int, default=None, help="clients drawn per round (default all)")
-    p.add_argument("--seed", type=int, default=0, help="initial model, client sampling and local shuffling")
-    p.add_argument("--init", type=Path, default=None, help="start from this seed/global .npz")
-    p.add_argument("--out", type=Path, required=True, help="run directory for history, curves and models")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    privacy.add_dp_arguments(p)
-    p.add_argument("--dp-budget", type=float, metavar="EPS",
-                   help=f"every client's node budget ({privacy.ENV_EPSILON}): with it every round runs DP-SGD")
-    p.add_argument("--dp-delta", type=float, metavar="DELTA",
-                   help=f"every client's {privacy.ENV_DELTA} (default {privacy.DEFAULT_DELTA:g})")
-    p.set_defaults(func=cmd_simulate)
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    history = simulate(args.data, args.rounds, args.out, epochs=args.epochs, batch_size=args.batch_size,
-                       learning_rate=args.learning_rate, clients_per_round=args.clients_per_round,
-                       seed=args.seed, init=args.init, progress=not args.no_progress,
-                       dp_settings={k: v for k in DP_SETTINGS if (v := getattr(args, k)) is not None},
-                       dp_budget=args.dp_budget, dp_delta=args.dp_delta)
-    final = history[-1]
-    print(f"final global test_accuracy {final.test_accuracy:.4f} after {final.round} rounds")
-    print(f"curves: {args.out / 'curves.png'}  history: {args.out / 'history.csv'}  "
-          f"model: {args.out / 'global.npz'}")
-    return 0

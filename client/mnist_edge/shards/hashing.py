@@ -48,12 +48,3 @@ class BackgroundSha256:
         if self._error is not None:
             raise self._error
         return self._digest.hexdigest()
-
-
-def file_sha256(path) -> str:
-    """sha256 of a whole file (the cache's content check for recently changed shards)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()

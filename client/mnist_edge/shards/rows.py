@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import UserError
 from .codecs import IMAGE_BYTES, IMAGE_SIDE, decode_image
 
 REQUIRED_COLUMNS = ("image_id", "label", "image")
@@ -29,7 +30,7 @@ _NAME_CHARS = 32
 _NAME = re.compile(rf"[\w .-]{{1,{_NAME_CHARS}}}")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A shard or data directory cannot be used; the message names the path and the problem."""
 
 

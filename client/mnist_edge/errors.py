@@ -1,0 +1,10 @@
+"""The one base class of every error a user can fix: its message is complete and names what is wrong.
+
+The command line prints such an error as one line and exits 2; the edge callbacks let it fail the
+task, so its message is what the server reads. Nothing else is caught that way: any other exception
+is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input (a file, a setting, a path, a node variable): the message says which and what was expected."""

@@ -1,0 +1,189 @@
+"""Writing files so that no half of one is ever seen, and no writer breaks another's.
+
+Every output (models, metas, predictions, shards, histories) is written to a temporary file in the
+target's directory, flushed to disk and renamed over the target: a reader, or a crash, sees the old
+file or the new one. A temporary file is ``.<name>.<pid>.<random>.partial`` and its writer holds an
+``flock`` on it while writing, so a crash leaves a file whose lock is free: only such a file, older
+than :data:`STALE_SECONDS`, is ever removed by someone else. Directories are opened one component at
+a time without following symbolic links when the write must stay inside a directory (``inside``),
+so a link swapped in between a check and the write cannot carry it elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import fnmatch
+import glob
+import hashlib
+import os
+import secrets
+import stat
+import time
+from pathlib import Path
+from typing import IO, Callable
+
+from .errors import UserError
+
+PARTIAL_SUFFIX = ".partial"
+STALE_SECONDS = 10.0
+"""A temporary file whose lock is free and that is older than this was left by a writer that died."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class TargetError(UserError, ValueError):
+    """An output path cannot be written as asked (a directory, a link, a device); nothing was done."""
+
+
+class OutputError(UserError, OSError):
+    """An output could not be written (full disk, read-only, ...); nothing was left at the path."""
+
+    @classmethod
+    def of(cls, path: Path, error: OSError, outcome: str = "") -> OutputError:
+        return cls(f"{path}: cannot write ({error.strerror or error}){outcome}")
+
+
+def check_target(path: Path) -> None:
+    """Refuse a target that is not a regular file or absent (a directory, a link, a FIFO): before any work."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise OutputError.of(path, error) from error
+    if stat.S_ISDIR(mode):
+        raise TargetError(f"{path}: is a directory, expected a file path to write")
+    if stat.S_ISLNK(mode):
+        raise TargetError(f"{path}: is a symbolic link; refusing to write through or over it")
+    if not stat.S_ISREG(mode):
+        raise TargetError(f"{path}: exists and is not a regular file (a device, FIFO or socket); refusing to write")
+
+
+def open_directory(directory: Path, inside: Path | None = None, create: bool = True) -> int:
+    """A file descriptor of ``directory``, made if missing; with ``inside``, walked from there.
+
+    Every component below ``inside`` is opened with ``O_NOFOLLOW``: a symbolic link anywhere on the
+    way fails with ``ELOOP``/``ENOTDIR`` instead of being followed.
+    """
+    if inside is None:
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        return os.open(directory, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    parts = directory.relative_to(inside).parts
+    fd = os.open(inside, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    try:
+        for part in parts:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def atomic_write(path: Path, write: Callable[[IO], None], mode: str = "w", inside: Path | None = None) -> Path:
+    """Write ``path`` through a locked temporary file in its directory, fsync, rename over it.
+
+    ``write`` gets the open file (text with ``mode="w"``, binary with ``"wb"``). On any error the
+    temporary file is removed and the target is left as it was; disk errors become
+    :class:`OutputError` naming the path. ``inside``: the write must stay in that directory.
+    """
+    path = Path(path)
+    check_target(path)
+    try:
+        directory = open_directory(path.parent, inside)
+    except OSError as error:
+        raise OutputError.of(path, error) from error
+    try:
+        remove_stale_partials(directory, path.name)
+        _write_and_rename(directory, path, write, mode)
+    finally:
+        os.close(directory)
+    return path
+
+
+def _write_and_rename(directory: int, path: Path, write: Callable[[IO], None], mode: str) -> None:
+    temporary = f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=directory)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: the file is in use, not left by a crash
+    except OSError as error:
+        raise OutputError.of(path, error) from error
+    try:
+        text = {"encoding": "utf-8", "newline": ""} if "b" not in mode else {}
+        with os.fdopen(fd, mode, **text) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+            os.replace(temporary, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=directory)
+        if isinstance(error, OSError) and not isinstance(error, UserError):
+            raise OutputError.of(path, error, "; nothing was written") from error
+        raise
+    fsync_directory(directory)
+
+
+def remove_stale_partials(directory: int | Path, name: str | None = None) -> int:
+    """Remove the temporary files writers that died left (of ``name``, or all); returns how many.
+
+    A file is stale only when its lock can be taken (no process holds it) and it is older than
+    :data:`STALE_SECONDS` (its writer would have locked it at once): live writers are never touched.
+    """
+    owned = isinstance(directory, int)
+    fd = directory if owned else os.open(directory, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    pattern = f".{glob.escape(name)}.*{PARTIAL_SUFFIX}" if name else f".*{PARTIAL_SUFFIX}"
+    removed = 0
+    try:
+        for entry in os.listdir(fd):
+            if fnmatch.fnmatchcase(entry, pattern) and _stale(fd, entry):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry, dir_fd=fd)
+                    removed += 1
+    finally:
+        if not owned:
+            os.close(fd)
+    return removed
+
+
+def _stale(directory: int, entry: str) -> bool:
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
+    except OSError:
+        return False
+    try:
+        if time.time() - os.fstat(fd).st_mtime < STALE_SECONDS:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True  # the lock is released when fd closes, just before the unlink
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(directory: int | Path) -> None:
+    """Make a rename or a new entry durable (best effort: not every filesystem syncs a directory)."""
+    try:
+        fd = directory if isinstance(directory, int) else os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        if not isinstance(directory, int):
+            os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a whole file, read in 1 MiB blocks."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
