@@ -21,12 +21,12 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 
+import numpy as np  # noqa: E402
+
 from combiner import INFER, TRAIN, VALIDATE, TestCombiner  # noqa: E402
 from e2e_helpers import EdgeNode, Fleet, package_tarball, prepare_shards, unpack  # noqa: E402
-import numpy as np  # noqa: E402
-from perf_common import Report, machine  # noqa: E402
-
 from mnist_edge import data, model  # noqa: E402
+from perf_common import Report, machine  # noqa: E402
 
 TASK_TIMEOUT = 300
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class Clock:
     def __init__(self) -> None:
         self.wall, self.cpu = time.perf_counter(), time.process_time()
 
-    def stop(self) -> "Clock":
+    def stop(self) -> Clock:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
         return self
 

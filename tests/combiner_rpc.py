@@ -17,8 +17,9 @@ from typing import Any
 import grpc
 import scaleoututil.grpc.scaleout_pb2 as msg
 import scaleoututil.grpc.scaleout_pb2_grpc as rpc
-from combiner import Task, TestCombiner
 from scaleoututil.utils.model import ScaleoutModel
+
+from combiner import Task, TestCombiner
 
 CHUNK_SIZE = 64 * 1024
 

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import real_images
 from scaleoututil.helpers.helpers import get_helper
 
+import real_images
 from mnist_edge import data
 
 REPO = Path(__file__).resolve().parents[1]

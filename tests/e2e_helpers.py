@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from combiner import HELPER, TestCombiner
 from conftest import CLIENT_DIR, VENV_BIN
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from mnist_edge import aggregate, model
-from mnist_edge.meta import meta_path
 from mnist_edge.cli import main
+from mnist_edge.meta import meta_path
 
 SHAPES = list(model.expected_shapes().values())
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from hostile import (
     HEADER,
     gzip_bomb,
@@ -26,7 +27,6 @@ from hostile import (
     seed_params,
     write_lines,
 )
-
 from mnist_edge import data, model, shards
 from mnist_edge.settings import SettingsError, parse_settings
 

@@ -10,7 +10,6 @@ import numpy as np
 from scaleoututil.helpers.helpers import get_helper
 
 from conftest import CLIENT_DIR, CLIENT_LINE, REPO, VENV_BIN
-
 from mnist_edge import model
 
 

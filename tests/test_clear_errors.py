@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hostile import node, scaleout_model, seed_params
 from scaleout import ScaleoutModel
 from scaleoututil.helpers.plugins.numpyhelper import Helper
 
+from hostile import node, scaleout_model, seed_params
 from mnist_edge import cli, data, model
 from mnist_edge.model import ModelFileError
 from mnist_edge.settings import SettingsError

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from combiner import INFER, TRAIN, VALIDATE, Task, TestCombiner
 from conftest import CLIENT_LINE, MODEL_CACHE, VENV_BIN
 from e2e_helpers import SCALEOUT, EdgeNode, Fleet, quiet_env

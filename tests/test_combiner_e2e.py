@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scaleoututil.grpc import scaleout_pb2 as msg
+
 from combiner import INFER, TRAIN, VALIDATE, Task, TestCombiner
 from conftest import CLIENT_LINE, SUMMARY
 from e2e_helpers import (
@@ -32,7 +34,6 @@ from e2e_helpers import (
     unpack,
 )
 from mnist_edge import data, model, training
-from scaleoututil.grpc import scaleout_pb2 as msg
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,6 @@ import base64
 import io
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,7 +116,7 @@ def test_each_bad_row_is_skipped_with_file_line_and_reason(tmp_path, mnist5k, ca
     bad = shard.bad_rows[0]
     assert (bad.path, bad.line) == (str(tmp_path / "bad.csv"), 3)
     assert reason in bad.reason
-    assert f"bad.csv:3: " in str(bad)
+    assert "bad.csv:3: " in str(bad)
 
 
 def test_row_with_too_few_fields_is_skipped(tmp_path, mnist5k):

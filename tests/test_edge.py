@@ -20,7 +20,6 @@ from scaleout.client.logging_context import LoggingContext
 from scaleout.client.task_receiver import StoppedException
 
 from conftest import CLIENT_DIR, CLIENT_LINE, NUMPY_HELPER, auto_precision_here, shards_fingerprint
-
 from mnist_edge import container, data, edge, model, runtime
 from mnist_edge.model import ModelFileError
 from mnist_edge.settings import SettingsError

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from combiner import INFER, TRAIN, TestCombiner
 from e2e_helpers import EdgeNode, Fleet, load_npz_params, package_tarball, prepare_shards, unpack
-
 from mnist_edge import data
 
 pytestmark = pytest.mark.e2e

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from mnist_edge.node import LEDGER_NAME
 from mnist_edge import data, ledger
+from mnist_edge.node import LEDGER_NAME
 
 CHARGE = dict(model_id="m", data_fingerprint="f", max_grad_norm=1.0, delta=1e-5, budget=None)
 

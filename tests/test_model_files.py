@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from hostile import Evil
-
 from mnist_edge import model
 from mnist_edge.model import ModelFileError
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile import HEADER, b64_raw, node, png_claiming, rows, scaleout_model, seed_params, write_lines
 
+from hostile import HEADER, b64_raw, node, png_claiming, rows, scaleout_model, seed_params, write_lines
 from mnist_edge import data
 
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{41,}")

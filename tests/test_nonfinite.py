@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hostile import node, scaleout_model, seed_params
 
+from hostile import node, scaleout_model, seed_params
 from mnist_edge import cli, data, model, runtime, training
 from mnist_edge.model import ModelFileError
 from mnist_edge.prepare import prepare

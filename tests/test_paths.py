@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile import node, scaleout_model, seed_params, with_id
 
+from hostile import node, scaleout_model, seed_params, with_id
 from mnist_edge import data, files
 from mnist_edge.errors import UserError
-from mnist_edge.files import OutputError, TargetError
+from mnist_edge.files import TargetError
 from mnist_edge.paths import PathError
 
 

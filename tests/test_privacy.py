@@ -15,11 +15,11 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from scaleout.client.task_receiver import StoppedException
-from test_edge import call, seed_model, start
 
 from mnist_edge import dpsgd, ledger, model, privacy, training
 from mnist_edge.node import LEDGER_NAME, STATE_DIR, NodeConfigError, PrivacyLimits, privacy_from
 from mnist_edge.settings import SettingsError, parse_settings
+from test_edge import call, seed_model, start
 
 N_TRAIN = 1000  # conftest.node_dir
 DP_KEYS = {"dp_epsilon_round", "dp_epsilon_spent", "dp_delta", "dp_noise_multiplier", "dp_max_grad_norm",

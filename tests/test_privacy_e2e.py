@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from combiner import TRAIN, TestCombiner
-from e2e_helpers import EdgeNode, Fleet, fedavg, load_npz_params, package_tarball, prepare_shards, unpack
 from opacus.accountants import RDPAccountant
 
-from mnist_edge.node import LEDGER_NAME
+from combiner import TRAIN, TestCombiner
+from e2e_helpers import EdgeNode, Fleet, fedavg, load_npz_params, package_tarball, prepare_shards, unpack
 from mnist_edge import data, ledger
+from mnist_edge.node import LEDGER_NAME
 
 pytestmark = pytest.mark.e2e
 

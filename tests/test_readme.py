@@ -8,7 +8,6 @@ ratio once read 2.75x "not met" while the file said 5.51x).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import docutils.core
 import docutils.utils

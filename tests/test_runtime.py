@@ -16,7 +16,6 @@ from scaleout.client.edge_client import EdgeClientRuntime
 from scaleout.client.logging_context import LoggingContext
 
 from conftest import CLIENT_LINE
-
 from mnist_edge import edge, runtime
 
 ON_1_1 = CLIENT_LINE == "1.1"

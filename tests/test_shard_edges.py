@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 import pytest
+
 from conftest import shards_fingerprint
 from hostile import HEADER, b64_raw, rows, write_lines
-
 from mnist_edge import data, shards
 from mnist_edge.data import DataError
 from mnist_edge.shards.hashing import BackgroundSha256

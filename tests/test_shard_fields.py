@@ -13,8 +13,8 @@ import zlib
 
 import numpy as np
 import pytest
-from hostile import HEADER, b64_raw, png_bytes, png_claiming, write_lines
 
+from hostile import HEADER, b64_raw, png_bytes, png_claiming, write_lines
 from mnist_edge import data, shards
 from mnist_edge.data import DataError
 from mnist_edge.shards import codecs

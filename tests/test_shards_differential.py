@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile import HEADER, b64_raw, png_bytes
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from hostile import HEADER, b64_raw, png_bytes
 from mnist_edge import shards
 from mnist_edge.shards import DataError, reader
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from conftest import MODEL_CACHE
-
 from mnist_edge import container, data, model, runtime, training
 from mnist_edge.cli import main
 from mnist_edge.prepare import prepare

@@ -10,13 +10,13 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import make_node
 from matplotlib.image import imread
 from opacus.accountants import RDPAccountant
 
-from mnist_edge.node import LEDGER_NAME
+from conftest import make_node
 from mnist_edge import ledger
 from mnist_edge.cli import main
+from mnist_edge.node import LEDGER_NAME
 from mnist_edge.simulate import NODES_DIR
 
 BUDGET = 6.0

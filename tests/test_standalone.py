@@ -15,7 +15,6 @@ import torch
 
 from conftest import shards_fingerprint
 from hostile import Evil
-
 from mnist_edge import cli, data, model
 from mnist_edge.model import ModelFileError
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import auto_precision_here
-
 from mnist_edge import hardware, model, training
 from mnist_edge.settings import parse_settings
 

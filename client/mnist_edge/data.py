@@ -21,6 +21,7 @@ from typing import IO
 
 import numpy as np
 
+from .files import atomic_write, sha256_file
 from .shards import (  # noqa: F401  (re-exported: callers use data.X for the shard format too)
     IMAGE_BYTES,
     IMAGE_SIDE,
@@ -34,7 +35,6 @@ from .shards import (  # noqa: F401  (re-exported: callers use data.X for the sh
     encode_image,
     read_shard,
 )
-from .files import atomic_write, sha256_file
 
 log = logging.getLogger("mnist_edge")
 SPLITS = ("predict", "test", "train")

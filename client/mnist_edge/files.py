@@ -20,8 +20,9 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 from .errors import UserError
 

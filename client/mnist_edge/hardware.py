@@ -10,7 +10,7 @@ import ctypes
 import functools
 import os
 import platform
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

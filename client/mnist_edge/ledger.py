@@ -21,10 +21,11 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import numpy as np
 from opacus.accountants import RDPAccountant
@@ -238,7 +239,7 @@ def charge(path: str | Path, *, model_id: str, data_fingerprint: str, noise_mult
                 f"privacy budget exceeded: spent epsilon {ledger.spent:.4f}, this round's epsilon "
                 f"{eps_round:.4f} (total would be {eps_total:.4f}), budget epsilon {budget:g} at delta "
                 f"{delta:g} (MNIST_EDGE_DP_EPSILON); refused before training, no update leaves this node")
-        record = Record(FORMAT, datetime.now(timezone.utc).isoformat(timespec="seconds"), str(model_id),
+        record = Record(FORMAT, datetime.now(UTC).isoformat(timespec="seconds"), str(model_id),
                         str(data_fingerprint), float(noise_multiplier), float(max_grad_norm),
                         float(sample_rate), int(steps), float(delta), eps_round, eps_total, budget,
                         ledger.last_hash)

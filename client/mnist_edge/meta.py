@@ -9,7 +9,7 @@ value used is validated with the file and key named.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -96,4 +96,4 @@ def next_round(init: Path | None) -> int:
 
 def now() -> str:
     """UTC, ISO 8601, to the second: ``created_at``."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from . import npz
-from .net import Net
 from .errors import UserError
 from .files import atomic_write
+from .net import Net
 
 PARAMETER_COUNT = 1_199_882
 """Number of trainable scalars in :class:`Net`."""

@@ -10,9 +10,9 @@ privacy off. Only the entry points (``edge.register``, ``cli.main``) call :meth:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
 
 from .errors import UserError
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import zipfile
-from typing import IO, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import IO
 
 import numpy as np
 

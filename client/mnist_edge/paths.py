@@ -10,8 +10,8 @@ are written is :mod:`mnist_edge.files`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .errors import UserError
 from .shards import describe

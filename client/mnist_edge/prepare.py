@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from . import npz
+from .data import IMAGE_SIDE, DataError, write_shard
 from .errors import UserError
 from .files import atomic_write
-from .data import IMAGE_SIDE, DataError, write_shard
 from .partition import NUM_CLASSES, PartitionError, label_histogram  # noqa: F401  (re-exported)
 from .partition import partition as split
 from .settings import check_seed

@@ -8,7 +8,8 @@ The standalone ``train``/``predict`` commands and the local federation use this 
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, Mapping, TextIO, TypeVar
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TextIO, TypeVar
 
 from tqdm import tqdm
 
@@ -39,7 +40,7 @@ class PlainProgress:
     def close(self) -> None:
         return None
 
-    def __enter__(self) -> "PlainProgress":
+    def __enter__(self) -> PlainProgress:
         return self
 
     def __exit__(self, *_exc: object) -> None:

@@ -8,7 +8,8 @@ entry point writes it beside the update, and standalone ``train`` writes it into
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

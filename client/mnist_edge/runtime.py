@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import scaleoututil.grpc.scaleout_pb2 as scaleout_msg
 from scaleout import EdgeClient, ScaleoutModel

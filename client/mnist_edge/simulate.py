@@ -9,8 +9,9 @@ models weighted by ``num_examples``, and evaluates the global model on the clien
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

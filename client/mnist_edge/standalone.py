@@ -9,8 +9,9 @@ the settings rules and the training loops are the ones the edge callbacks use.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

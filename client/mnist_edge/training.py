@@ -9,8 +9,8 @@ commands all call these functions, so the learning code exists once. Hooks (``on
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch

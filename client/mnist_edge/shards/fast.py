@@ -11,7 +11,7 @@ both paths give the same rows and the same bad-row list.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import csv
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from .fast import FastLines
 from .hashing import BackgroundSha256
