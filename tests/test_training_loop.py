@@ -261,7 +261,7 @@ def test_a_loss_that_stops_being_finite_during_training_is_named_with_its_batch(
 
 
 def test_training_on_the_cpu_keeps_freed_memory_and_computes_in_channels_last(mnist5k):
-    """README "Performance": glibc keeps freed buffers, and the convolutions run on channels_last weights.
+    """bench/README.rst "Training speed": glibc keeps freed buffers, and the convolutions run on channels_last weights.
 
     Mutations: the allocator set-up skipped on the CPU (``device.type != "cpu"``), the net moved
     without its memory format (``net.to(device)``, ``memory_format=None``), or ``memory_format_for``

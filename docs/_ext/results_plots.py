@@ -18,8 +18,9 @@ import csv
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar
 
 from docutils import nodes
 from docutils.parsers.rst import directives
@@ -67,31 +68,33 @@ def privacy_curves(files: list[Path]) -> tuple[str, list[tuple[str, list[int], l
                 label = "no DP" if budget is None else f"epsilon budget {budget:g}"
                 lines.append((label, list(range(len(by_round))), [float(a) for a in by_round]))
         except (KeyError, TypeError, ValueError) as error:
-            raise ResultsError(f"{path}: expected accuracy[].budget and .accuracy_by_round ({error})") from None
+            raise ResultsError(f"{path}: expected accuracy[].budget, .accuracy_by_round ({error})") from None
         if not runs:
             raise ResultsError(f"{path}: no accuracy runs")
     return "Federation under DP-SGD: global test accuracy per round, per budget", lines
 
 
-_THREADS = re.compile(r"^threads (\d+)", re.M)
+_THREADS = re.compile(r"^threads (\d+)", re.MULTILINE)
 _PRECISION = re.compile(r"B precision \w+ -> (\w+)")
-_MEDIAN = re.compile(r"^(A|B)(?: (fp32|bf16))?\b.*?\bmedian\s+(\d+) images/s wall", re.M)
+_MEDIAN = re.compile(r"^(A|B)(?: (fp32|bf16))?\b.*?\bmedian\s+(\d+) images/s wall", re.MULTILINE)
 
 
 def throughput_bars(files: list[Path]) -> tuple[str, dict[str, dict[str, float]]]:
-    """(title, {"<class>, <n> thread(s)": {"reference" | "mnist-edge fp32" | "mnist-edge bf16": images/s}})."""
+    """(title, {"<class> <n> thread(s)": {"reference" or "mnist-edge <precision>": images/s}})."""
     groups: dict[str, dict[str, float]] = {}
     for path in files:
         text = _read(path)
         threads = _THREADS.search(text)
         medians = _MEDIAN.findall(text)
         if threads is None or not medians:
-            raise ResultsError(f"{path}: expected a 'threads N' line and 'A/B ... median N images/s wall' lines")
-        precision = _PRECISION.search(text)  # older reports: one B loop, its precision in the header
+            raise ResultsError(f"{path}: expected 'threads N' and 'A/B ... median N images/s wall' lines")
+        header = _PRECISION.search(text)  # older reports: one B loop, its precision in the header
         bars = groups.setdefault(f"{path.parent.name}\n{threads.group(1)} thread(s)", {})
         for loop, variant, rate in medians:
-            name = "reference" if loop == "A" else f"mnist-edge {variant or (precision and precision.group(1))}"
-            bars[name] = float(rate)
+            precision = variant or (header.group(1) if header else None)
+            if loop == "B" and precision is None:
+                raise ResultsError(f"{path}: a B median line names no precision (fp32, bf16)")
+            bars["reference" if loop == "A" else f"mnist-edge {precision}"] = float(rate)
     return "Training throughput per CPU class (median images/s, wall clock)", groups
 
 
@@ -117,7 +120,8 @@ def draw_bars(title: str, groups: dict[str, dict[str, float]], path: Path) -> No
     from matplotlib.figure import Figure
 
     order = ["reference", "mnist-edge fp32", "mnist-edge bf16"]
-    names = sorted({name for bars in groups.values() for name in bars}, key=lambda n: (n not in order, order.index(n) if n in order else 0, n))
+    found = {name for bars in groups.values() for name in bars}
+    names = [name for name in order if name in found] + sorted(found - set(order))
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     axes = fig.subplots()
     width = 0.8 / len(names)
@@ -152,7 +156,7 @@ class ResultsPlot(SphinxDirective):
 
     required_arguments = 1
     has_content = True  # the caption
-    option_spec = {"files": directives.unchanged_required}
+    option_spec: ClassVar[dict] = {"files": directives.unchanged_required}
 
     def run(self) -> list[nodes.Node]:
         kind = self.arguments[0]
