@@ -1,6 +1,6 @@
 # Every target installs what it needs: a fresh machine with Python 3.11 and make is enough.
 #
-# Two scaleout client lines are tested; LINE picks one (README "Development"):
+# Two scaleout client lines are tested; LINE picks one (CONTRIBUTING.rst):
 #   LINE=1.0.7 (default)  scaleout 1.0.7, Python 3.11, .venv,     pinned by constraints.txt
 #   LINE=1.1              scaleout 1.1.x, Python 3.12, .venv-1.1, pinned by constraints-1.1.txt
 LINE ?= 1.0.7
@@ -77,7 +77,7 @@ bench: venv
 	$(PY) bench/round_overhead.py $(BENCH_ARGS) --out $$dir/round_overhead-scaleout$$line$(BENCH_TAG).txt && \
 	$(PY) bench/privacy.py --steps-only $(BENCH_ARGS) --out $$dir/privacy_steps$(BENCH_TAG).txt
 
-# Mutation testing of the core modules against their fast unit tests (README "Development"; not part
+# Mutation testing of the core modules against their fast unit tests (CONTRIBUTING.rst; not part
 # of `make test`). mutmut 3 looks for the package under ./, src/ or source/, so it runs in a copy
 # with client/mnist_edge as src/mnist_edge ([tool.mutmut] in pyproject.toml); one worker on a
 # shared machine (MUTATE_CHILDREN=2 where the cores are free). Report: bench/results/mutation.txt.

@@ -1,5 +1,5 @@
 """The benchmarks run end to end at a tiny size, so they cannot rot; their speeds are not checked
-here (timings live in bench/results and the README, not in assertions)."""
+here (timings live in bench/results and bench/README.rst, not in assertions)."""
 
 from __future__ import annotations
 

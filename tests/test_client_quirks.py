@@ -1,10 +1,10 @@
-"""What each scaleout client line does with callbacks' values: the quirks README.rst documents.
+"""What each scaleout client line does with callbacks' values: the quirks docs/client-quirks.rst documents.
 
 A ten-line compute package of numpy callbacks (no torch, so clients start in a second or two)
 runs inside real ``scaleout client start`` processes against the loopback combiner. These
 tests pin the client's behaviour, not this package's, on the line under test (``CLIENT_LINE``:
-1.0.7 or 1.1): when an upgrade changes one, the test fails and the README's "Known client
-quirks" section needs the same change. ``test_combiner_e2e.py`` shows how this package copes.
+1.0.7 or 1.1): when an upgrade changes one, the test fails and docs/client-quirks.rst needs the
+same change. ``test_combiner_e2e.py`` shows how this package copes.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def trained_net(mnist5k) -> torch.nn.Module:
 
 
 def reference_outputs(net: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
-    """Log-probabilities computed here in one batch, normalised as README "Data format" says."""
+    """Log-probabilities computed here in one batch, normalised as docs/data-format.rst says."""
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     with torch.no_grad():
         return net.eval()((x - training.MNIST_MEAN) / training.MNIST_STD).double()
