@@ -7,11 +7,12 @@ argument) print one line naming what is wrong and exit 2 instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
-from . import aggregate, privacy, simulate, standalone
+from . import aggregate, lineage, privacy, simulate, standalone
 from .data import DataError
 from .model import ModelFileError
 from .partition import PARTITIONS, PartitionError
@@ -20,11 +21,12 @@ from .prepare import SourceError
 from .privacy import PrivacyError
 from .settings import SettingsError
 from .simulate import SimulationError
+from .storage import S3Config, StorageError
 from .training import TrainingDiverged
 
 # OSError (paths.OutputError among them): an output path that cannot be written (its message names the path).
 USER_ERRORS = (DataError, ModelFileError, SourceError, SettingsError, PartitionError, SimulationError, PrivacyError,
-               PathError, TrainingDiverged, OSError)
+               PathError, TrainingDiverged, StorageError, OSError)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -59,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     standalone.add_commands(commands)
     aggregate.add_command(commands)
     privacy.add_command(commands)
+
+    p = commands.add_parser("lineage", help="where a model came from: its data, code and versions (local or s3://)")
+    p.add_argument("model", metavar="MODEL", help="a model file or its meta, local or s3://bucket/key[?versionId=V]")
+    p.add_argument("--json", action="store_true", help="print the meta and the check as JSON")
+    p.set_defaults(func=lineage.cmd_lineage)
     return parser
 
 
@@ -66,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        args.s3 = S3Config.from_environ(os.environ)  # the object store's configuration, read once here
         return func(args)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
