@@ -21,7 +21,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import boto3
 import requests
@@ -48,13 +48,14 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 @dataclass
 class S3Server:
     process: subprocess.Popen
+    log: IO[bytes]
     endpoint: str
     access_key_id: str
     secret_access_key: str = field(repr=False)
 
     @classmethod
     def start(cls, log_dir: Path) -> S3Server:
-        log = open(log_dir / "moto.log", "wb")
+        log = open(log_dir / "moto.log", "wb")  # noqa: SIM115 (the server's, closed by stop())
         process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=log, env=child_env())
         line = process.stdout.readline()
@@ -68,7 +69,7 @@ class S3Server:
         key = iam.create_access_key(UserName="mnist-edge")["AccessKey"]
         iam.put_user_policy(UserName="mnist-edge", PolicyName="s3", PolicyDocument=json.dumps(POLICY))
         requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
-        return cls(process, endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+        return cls(process, log, endpoint, key["AccessKeyId"], key["SecretAccessKey"])
 
     def stop(self) -> None:
         self.process.stdin.close()
@@ -77,6 +78,7 @@ class S3Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.log.close()
 
     def environ(self, **overrides: str) -> dict[str, str]:
         """What a user exports to reach this store (``S3_ENDPOINT`` and the standard AWS variables)."""

@@ -17,10 +17,11 @@ import hashlib
 import json
 import platform
 import subprocess
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .storage import META_SUFFIX, S3Config, S3Object, StorageError, is_s3_url, parse_s3_url
 from .transfer import head, meta_for, read_meta_object
@@ -142,7 +143,10 @@ def find_lineage(model: str, config: S3Config) -> Found:
             raise StorageError(f"{model}: no meta beside it names this model version "
                                f"(expected {META_SUFFIX} beside the model, written with it)")
         return Found(current.describe(), found[0].describe(), found[1], True if _output(found[1]) else None)
-    from .standalone import meta_path, read_meta  # the local meta rules; imported here: standalone uses this module
+    from .standalone import (  # the local meta rules; imported here: standalone uses this module
+        meta_path,
+        read_meta,
+    )
 
     path = Path(model)
     meta = path if path.name.endswith(META_SUFFIX) else meta_path(path)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 SCHEME = "s3://"
@@ -243,8 +244,11 @@ def errors_named(url: str, config: S3Config) -> Iterator[None]:
         code = str(details.get("Code", "?"))
         said = _CLIENT_ERRORS.get(code) or f"{code}: {details.get('Message') or error}"
         raise StorageError(f"{url}: {scrub(said, config)}", code) from None
-    except (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError) as error:
-        reason = type(error).__name__.replace("Error", "").lower() or "connection failed"
+    except (bx.ConnectionError, bx.ConnectionClosedError) as error:
+        reason = (f"no answer within {config.connect_timeout:g} s" if isinstance(error, bx.ConnectTimeoutError)
+                  else "TLS failed" if isinstance(error, bx.SSLError)
+                  else "the connection closed" if isinstance(error, bx.ConnectionClosedError)
+                  else "connection refused or no route")
         raise StorageError(f"{url}: cannot reach the object store at {config.store} ({reason}; "
                            "check S3_ENDPOINT and the network)") from None
     except bx.ReadTimeoutError:

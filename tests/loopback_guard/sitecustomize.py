@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 def loopback(host: object, lookup: bool = False) -> bool:
