@@ -152,6 +152,7 @@ def test_a_model_and_its_meta_round_trip_with_the_lineage_inside_the_meta(s3_ser
     staged_model, staged_meta = transfer.download_model(f"s3://{bucket}/runs/mnist.pth", tmp_path / "out", config)
     assert staged_model.path.read_bytes() == model_file.read_bytes()
     assert staged_meta.source.version_id == uploaded.meta.version_id
+    assert sha256(staged_meta.path.read_bytes()) == staged_meta.source.sha256 == uploaded.meta.sha256
     meta = json.loads(staged_meta.path.read_text())
     assert meta["lineage"]["inputs"][0]["version_id"] == inputs[0].source.version_id
     assert meta["lineage"]["output"]["version_id"] == uploaded.model.version_id
@@ -184,6 +185,9 @@ def test_two_versions_of_one_key_give_two_lineages_the_lineage_command_tells_apa
         assert shown["document"]["lineage"]["inputs"][0]["version_id"] == version
         assert shown["document"]["lineage"]["output"]["version_id"] == uploaded.model.version_id
         assert shown["meta_names_this_model"] is True
+    first = f"s3://{bucket}/models/mnist.pth?versionId={models[0].model.version_id}"
+    _, meta = transfer.download_model(first, tmp_path / "first", config)  # e.g. `train --init` from it
+    assert json.loads(meta.path.read_text())["lineage"]["inputs"][0]["version_id"] == shard_versions[0]
     latest = cli(s3_server, "lineage", f"s3://{bucket}/models/mnist.pth")
     assert latest.returncode == 0, latest.stderr
     assert f"version {shard_versions[1]}" in latest.stdout and shard_versions[0] not in latest.stdout
@@ -254,13 +258,24 @@ def test_downloads_over_the_bounds_are_refused_before_reading_anything(s3_server
         transfer.download_dataset(f"s3://{bucket}/nothing-here/", tmp_path / "staging", config_for(s3_server))
 
 
+def test_an_object_replaced_between_listing_and_reading_is_refused(s3_server, shards, tmp_path):
+    """A listing and the bytes read must be one state of the store, or the lineage would lie."""
+    bucket, config = s3_server.bucket(), config_for(s3_server)
+    put(s3_server, bucket, "train/part-0.csv", shards[0].read_bytes())
+    listed = transfer.list_objects(f"s3://{bucket}/train/", config, depth=1, suffixes=(".csv",))
+    put(s3_server, bucket, "train/part-0.csv", shards[1].read_bytes())
+    with pytest.raises(StorageError, match=rf"s3://{bucket}/train/part-0.csv: changed while being read"):
+        transfer.download(listed, tmp_path, config, "train/")
+
+
 def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["missing bucket", "missing key", "unknown key", "wrong secret", "unreachable"])
+@pytest.mark.parametrize("case", ["missing bucket", "missing key", "unknown key", "wrong secret", "half the key",
+                                  "unreachable"])
 def test_a_worker_fails_with_one_line_naming_the_url_and_no_credential(s3_server, case):
     bucket = s3_server.bucket()
     put(s3_server, bucket, "models/mnist.pth", b"x")
@@ -271,6 +286,8 @@ def test_a_worker_fails_with_one_line_naming_the_url_and_no_credential(s3_server
         "missing key": ({}, f"s3://{bucket}/models/gone.pth: no such object"),
         "unknown key": ({"AWS_ACCESS_KEY_ID": "AKIAUNKNOWNKEY000000"}, f"{url}: access denied (HTTP 403"),
         "wrong secret": ({"AWS_SECRET_ACCESS_KEY": secret}, f"{url}: access denied (HTTP 403"),
+        "half the key": ({"AWS_SECRET_ACCESS_KEY": ""},
+                         f"{url}: AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not"),
         "unreachable": ({"S3_ENDPOINT": f"http://127.0.0.1:{closed_port()}"},
                         f"{url}: cannot reach the object store at http://127.0.0.1:"),
     }[case]

@@ -41,6 +41,10 @@ class StorageError(Exception):
         self.code = code
 
 
+class _SetupError(StorageError):
+    """The client cannot be made (half the credentials, an unknown profile): named by the URL used."""
+
+
 @dataclass(frozen=True)
 class S3Config:
     """How to reach the store: read once from the environment by the entry point.
@@ -192,7 +196,7 @@ def s3_client(config: S3Config) -> Any:
     if bool(config.access_key_id) != bool(config.secret_access_key):
         given, missing = (("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if config.access_key_id
                           else ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"))
-        raise StorageError(f"{config.store}: {given} is set but {missing} is not; set both or neither")
+        raise _SetupError(f"{given} is set but {missing} is not; set both or neither")
     botocore_config = Config(
         region_name=config.region, signature_version="s3v4",
         s3={"addressing_style": "path" if config.endpoint_url else "auto"},
@@ -206,7 +210,7 @@ def s3_client(config: S3Config) -> Any:
         return session.client("s3", endpoint_url=config.endpoint_url, config=botocore_config,
                               verify=config.verify_tls)
     except BotoCoreError as error:  # an unknown profile, an endpoint that is not a URL
-        raise StorageError(f"{config.store}: {scrub(str(error), config)}") from None
+        raise _SetupError(scrub(str(error), config)) from None
 
 
 def scrub(text: str, config: S3Config, limit: int = 300) -> str:
@@ -239,6 +243,8 @@ def errors_named(url: str, config: S3Config) -> Iterator[None]:
 
     try:
         yield
+    except _SetupError as error:
+        raise StorageError(f"{url}: {error}") from None
     except bx.ClientError as error:
         details = error.response.get("Error", {})
         code = str(details.get("Code", "?"))

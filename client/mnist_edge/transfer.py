@@ -143,17 +143,16 @@ def _write(body: Any, target: Path, size: int, url: str) -> str:
 
 def head(location: S3Location, config: S3Config) -> S3Object:
     """One object's size, ETag and version id, without reading it."""
-    client = s3_client(config)
     try:
         with errors_named(location.url, config):
             extra = {"VersionId": location.version_id} if location.version_id else {}
-            found = client.head_object(Bucket=location.bucket, Key=location.key, **extra)
+            found = s3_client(config).head_object(Bucket=location.bucket, Key=location.key, **extra)
     except StorageError as error:
         if error.code != "404":
             raise
         try:  # a HEAD's 404 has no body to say whether the key or the bucket is missing
             with errors_named(location.url, config):
-                client.head_bucket(Bucket=location.bucket)
+                s3_client(config).head_bucket(Bucket=location.bucket)
         except StorageError as missing:
             if missing.code == "404":
                 raise StorageError(f"{location.url}: no such bucket", "NoSuchBucket") from None
@@ -188,10 +187,9 @@ def download_model(url: str, staging: Path, config: S3Config) -> tuple[Staged, S
     found = meta_for(model.source, config)
     if found is None:
         return model, None
-    source, document = found
-    path = stage_path(staging, source, _folder_of(location.key))
-    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    return model, Staged(path, source)
+    meta = found[0]  # read again into the staging directory, byte for byte (that version, that ETag)
+    return model, download([S3Object(meta.bucket, meta.key, meta.size, meta.etag, meta.version_id)], staging,
+                           config, _folder_of(location.key))[0]
 
 
 # -- the meta beside a model -------------------------------------------------------------------------
