@@ -92,8 +92,11 @@ class S3Config:
         if not self.endpoint_url:
             return "AWS S3"
         parts = urlsplit(self.endpoint_url)
-        return urlunsplit((parts.scheme, parts.hostname or "", "", "", "")) + (
-            f":{parts.port}" if parts.port else "")
+        try:
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:  # not a port number: botocore will say so, naming no credential
+            port = ""
+        return urlunsplit((parts.scheme, parts.hostname or "", "", "", "")) + port
 
 
 def _count(environ: Mapping[str, str], name: str) -> int:
