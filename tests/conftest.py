@@ -64,6 +64,16 @@ def seed_path(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (moto) on 127.0.0.1 with enforced credentials: tests/s3_server.py."""
+    from s3_server import S3Server
+
+    server = S3Server.start(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
 def make_node(root: Path, images: np.ndarray, labels: np.ndarray, n_train: int, n_test: int, seed: int = 0) -> Path:
     """A node's data directory with ``train/`` and ``test/`` shards drawn from real images."""
     rng = np.random.default_rng(seed)

@@ -199,8 +199,8 @@ def pins(path: Path) -> dict[str, str]:
                          ids=lambda p: p.name)
 def test_image_installs_the_tested_pins_with_a_cpu_torch_before_the_source(dockerfile):
     steps = instructions(dockerfile)
-    args = dict(steps)["ARG"]
-    assert args.startswith("TORCH_INDEX_URL=") and args.endswith("/whl/cpu"), "CPU torch by default"
+    args = next(a for k, a in steps if k == "ARG" and a.startswith("TORCH_INDEX_URL="))
+    assert args.endswith("/whl/cpu"), "CPU torch by default"
     install = next(i for i, (k, a) in enumerate(steps) if k == "RUN" and "-r " in a and "requirements" in a)
     assert '--extra-index-url "$TORCH_INDEX_URL"' in steps[install][1]
     source = next(i for i, (k, a) in enumerate(steps) if k == "COPY" and "client/mnist_edge" in a)
@@ -215,9 +215,7 @@ def test_image_installs_the_tested_pins_with_a_cpu_torch_before_the_source(docke
 
 
 def _pyproject_dependencies() -> list[str]:
-    import tomllib
-
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return _pyproject()["project"]["dependencies"]
 
 
 def test_root_dockerfile_is_the_pipeline_image_and_an_edge_node():
@@ -229,11 +227,61 @@ def test_root_dockerfile_is_the_pipeline_image_and_an_edge_node():
     workdir = _workdir(REPO / "Dockerfile")
     for name in ("startup.py", "build.py", "scaleout.yaml"):  # the client runs ./client's package
         assert files[f"{workdir}/client/{name}"] == REPO / "client" / name
+    image = f"mnist-edge:{_pyproject()['project']['version']}"  # a pinned tag: latest drifts
     for spec in PIPELINE.glob("*.json"):
         transform = json.loads(spec.read_text())["transform"]
-        assert transform["image"] == "mnist-edge:latest"
+        assert transform["image"] == image
         assert transform["cmd"][:3] == ["python3", "-m", "mnist_edge"]
-    assert "docker build -t mnist-edge:latest ." in (REPO / "README.rst").read_text()
+    assert f'docker build --build-arg GIT_COMMIT="$(git rev-parse HEAD)" -t {image} .' in (REPO / "README.rst").read_text()
+
+
+def test_the_image_records_the_commit_it_is_built_from():
+    """GIT_COMMIT is declared after the dependencies (a new commit does not reinstall torch) and
+    written into the package before pip installs it: mnist_edge/lineage.py reads it from there."""
+    steps = instructions(REPO / "Dockerfile")
+    declared = steps.index(("ARG", 'GIT_COMMIT=""'))
+    dependencies = next(i for i, (k, a) in enumerate(steps) if k == "RUN" and "-r requirements.txt" in a)
+    install = next(i for i, (k, a) in enumerate(steps) if k == "RUN" and "--no-deps /tmp/mnist-edge" in a)
+    assert dependencies < declared < install
+    assert '> /tmp/mnist-edge/client/mnist_edge/GIT_COMMIT' in steps[install][1]
+    assert _pyproject()["tool"]["setuptools"]["package-data"]["mnist_edge"] == ["GIT_COMMIT"]
+    assert dockerignored("client/mnist_edge/GIT_COMMIT"), "a checkout's stale GIT_COMMIT must not reach the image"
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+# -- the Pachyderm pipeline specs against the pipeline spec's fields -------------------------------
+
+
+def pipeline_validator() -> Draft202012Validator:
+    """tests/pachyderm_pipeline.schema.json: the fields Pachyderm publishes for a pipeline spec."""
+    schema = json.loads(Path(__file__).with_name("pachyderm_pipeline.schema.json").read_text())
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("spec", sorted(PIPELINE.glob("*.json")), ids=lambda p: p.name)
+def test_pipeline_specs_have_only_the_pipeline_specs_fields(spec):
+    pipeline_validator().validate(json.loads(spec.read_text()))
+
+
+@pytest.mark.parametrize("mutate", [
+    _set(["transfrom"], {}),                                             # a misspelt top-level field
+    _set(["transform", "command"], ["python3"]),                         # Kubernetes' name, not Pachyderm's
+    _set(["transform", "image"], ["mnist-edge:0.1.0"]),
+    _set(["transform", "cmd"], "python3 -m mnist_edge train"),           # a string, not a list
+    _set(["input", "cron"], {"name": "tick", "spec": "@daily"}),         # two kinds of input in one
+    _set(["parallelismSpec"], 2),
+    _drop(["pipeline", "name"]),
+], ids=lambda m: "mutation")
+def test_the_pipeline_schema_refuses_what_pachyderm_does_not_accept(mutate):
+    broken = copy.deepcopy(json.loads((PIPELINE / "mnist-train.json").read_text()))
+    mutate(broken)
+    assert list(pipeline_validator().iter_errors(broken)), "the schema accepted a spec Pachyderm refuses"
 
 
 # -- the module's scripts in the platform's run directories --------------------------------------

@@ -116,6 +116,22 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """Print where a model came from; exit 1 when its meta names another model file."""
+    import json
+
+    from . import lineage
+    from .storage import S3Config
+
+    found = lineage.find_lineage(args.model, S3Config.from_environ(os.environ))
+    if args.json:
+        print(json.dumps({"model": found.model, "meta": found.meta, "meta_names_this_model": found.matches,
+                          "document": found.document}, indent=2))
+    else:
+        print(lineage.format_lineage(found))
+    return 1 if found.matches is False else 0
+
+
 def _dp_settings(args: argparse.Namespace) -> dict[str, float]:
     return {key: value for key in DP_SETTINGS if (value := getattr(args, key)) is not None}
 
@@ -209,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger", type=Path, default=None,
                    help=f"ledger file (default: the node's, $SCALEOUT_DATA_DIR/{STATE_DIR}/{LEDGER_NAME})")
     p.set_defaults(func=cmd_privacy)
+
+    p = commands.add_parser("lineage", help="where a model came from: its data, code and versions (local or s3://)")
+    p.add_argument("model", metavar="MODEL", help="a model file or its meta, local or s3://bucket/key[?versionId=V]")
+    p.add_argument("--json", action="store_true", help="print the meta and the check as JSON")
+    p.set_defaults(func=cmd_lineage)
     return parser
 
 
