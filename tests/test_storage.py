@@ -20,7 +20,8 @@ import pytest
 from botocore.config import Config
 
 from conftest import REPO
-from mnist_edge import aggregate, data, lineage, model, standalone, storage, transfer
+from mnist_edge import aggregate, data, lineage, model, storage, transfer
+from mnist_edge.meta import meta_path
 from mnist_edge.storage import S3Config, S3Location, StorageError
 from s3_server import DENIED_META, GUARD, REGION, child_env
 
@@ -103,7 +104,6 @@ def test_urls_name_a_bucket_a_key_and_optionally_a_version():
     assert storage.output_location("s3://b/models/", "mnist.pth").key == "models/mnist.pth"
     assert storage.output_location("s3://b", "mnist.pth").key == "mnist.pth"
     assert storage.meta_location(S3Location("b", "runs/mnist.pth")).key == "runs/mnist.xdata-meta.json"
-    assert storage.META_SUFFIX == standalone.META_SUFFIX
     for bad, said in [("/data/train", "expected an s3://"), ("s3://bad bucket/x", "not a bucket name"),
                       ("s3://b/x\x00y", "not an S3 key")]:
         with pytest.raises(StorageError, match=said):
@@ -375,7 +375,7 @@ def test_lineage_of_a_local_model_checks_the_file_against_its_meta(tmp_path, sha
     record["output"] = lineage.LocalFile.of(model_file).as_dict()
     meta = {"model_kind": "mnist", "model_state": "trained\x1b[2J", "round": 1, "num_examples": 120,
             "created_at": "2026-12-04T12:00:00+00:00", "lineage": record}  # a meta is untrusted text
-    standalone.meta_path(model_file).write_text(json.dumps(meta))
+    meta_path(model_file).write_text(json.dumps(meta))
 
     done = cli(None, "lineage", str(model_file))
     assert done.returncode == 0, done.stderr

@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from . import meta as meta_module
 from .storage import META_SUFFIX, S3Config, S3Object, StorageError, is_s3_url, parse_s3_url
 from .transfer import head, meta_for, read_meta_object
 
@@ -142,16 +143,11 @@ def find_lineage(model: str, config: S3Config) -> Found:
             raise StorageError(f"{model}: no meta beside it names this model version "
                                f"(expected {META_SUFFIX} beside the model, written with it)")
         return Found(current.describe(), found[0].describe(), found[1], True if _output(found[1]) else None)
-    from .standalone import (  # the local meta rules; imported here: standalone uses this module
-        meta_path,
-        read_meta,
-    )
-
     path = Path(model)
-    meta = path if path.name.endswith(META_SUFFIX) else meta_path(path)
+    meta = path if path.name.endswith(META_SUFFIX) else meta_module.meta_path(path)
     if not meta.is_file():
         raise StorageError(f"{meta}: no meta beside the model (train writes <stem>{META_SUFFIX})")
-    document = read_meta(meta)
+    document = meta_module.read(meta)
     output = _output(document)
     matches = None
     if meta != path and output.get("sha256"):

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .files import atomic_write
-from .model import ModelFileError
 
 MODEL_KIND = "mnist"
 SUFFIX = ".xdata-meta.json"
@@ -23,6 +23,10 @@ MAX_BYTES = 1 << 20
 MAX_NUM_EXAMPLES = 1_000_000_000
 """Largest ``num_examples`` a meta may claim: FedAvg weights by it, so one member cannot outweigh all."""
 MAX_ROUND = 1_000_000_000
+
+
+class MetaError(UserError, ValueError):
+    """A meta file is unreadable or holds a value this package cannot use; the message names file and key."""
 
 
 def meta_path(model_path: Path) -> Path:
@@ -45,17 +49,17 @@ def read(path: Path) -> dict[str, Any]:
         with open(path, "rb") as handle:
             raw = handle.read(MAX_BYTES + 1)
     except OSError as error:
-        raise ModelFileError(f"{path}: cannot read meta file ({error.strerror or error})") from None
+        raise MetaError(f"{path}: cannot read meta file ({error.strerror or error})") from None
     if len(raw) > MAX_BYTES:
-        raise ModelFileError(f"{path}: meta file larger than {MAX_BYTES:,} bytes")
+        raise MetaError(f"{path}: meta file larger than {MAX_BYTES:,} bytes")
     try:
         meta = json.loads(raw.decode("utf-8"))
     except RecursionError:
-        raise ModelFileError(f"{path}: meta file nests too deeply to be a meta") from None
+        raise MetaError(f"{path}: meta file nests too deeply to be a meta") from None
     except (UnicodeDecodeError, ValueError) as error:
-        raise ModelFileError(f"{path}: not a readable JSON meta file ({str(error)[:80]})") from None
+        raise MetaError(f"{path}: not a readable JSON meta file ({str(error)[:80]})") from None
     if not isinstance(meta, dict):
-        raise ModelFileError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+        raise MetaError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     return meta
 
 
@@ -72,7 +76,7 @@ def count(meta: dict[str, Any], key: str, source: Path, limit: int, default: int
     value = meta.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
         found = "no such key" if key not in meta else f"got {shown(value)}"
-        raise ModelFileError(f"{source}: '{key}' must be an integer from 1 to {limit:,} ({found})")
+        raise MetaError(f"{source}: '{key}' must be an integer from 1 to {limit:,} ({found})")
     return value
 
 

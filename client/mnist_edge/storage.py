@@ -22,10 +22,11 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from . import meta
 from .errors import UserError
 
 SCHEME = "s3://"
-META_SUFFIX = ".xdata-meta.json"  # as standalone.META_SUFFIX (not imported: that would load torch)
+META_SUFFIX = meta.SUFFIX
 # botocore's own rule for a bucket name (it accepts Pachyderm's underscores and capitals).
 _BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
 _VERSION = re.compile(r"^(?P<rest>.*)\?versionId=(?P<version>[^&?/]+)$")
