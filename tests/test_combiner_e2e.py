@@ -205,17 +205,18 @@ def test_every_update_carries_examples_fingerprint_settings_and_metrics(
             assert (update.model_id, update.round_id) == (r.model_id, r.round_id)
             training_metadata = meta["training_metadata"]
             assert training_metadata["num_examples"] == len(train_sets[client])
-            assert meta["data_fingerprint"] == train_sets[client].fingerprint
+            assert training_metadata["data_fingerprint"] == train_sets[client].fingerprint
             for key in ("epochs", "batch_size", "learning_rate", "optimizer"):
                 assert training_metadata[key] == r.settings[key], (client, key)
-            assert math.isfinite(meta["training_loss"]) and 0.0 <= meta["training_accuracy"] <= 1.0
+            assert math.isfinite(training_metadata["training_loss"])
+            assert 0.0 <= training_metadata["training_accuracy"] <= 1.0
 
             # training_loss reached the combiner through SendModelMetric while the task ran:
             # tagged with the task's model and round, sent before the update was.
             metrics = r.training_metrics[client]
             assert metric_values(metrics, "training_loss"), f"{client} sent no training_loss in {r.round_id}"
             assert max(m.timestamp.ToNanoseconds() for m in metrics) <= update.timestamp.ToNanoseconds()
-    fingerprints = {rounds[0].metas[c]["data_fingerprint"] for c in fleet.ids}
+    fingerprints = {rounds[0].metas[c]["training_metadata"]["data_fingerprint"] for c in fleet.ids}
     assert len(fingerprints) == CLIENTS, "each client should train on its own shards"
 
 

@@ -18,7 +18,7 @@ from opacus.accountants import RDPAccountant
 from combiner import TRAIN, TestCombiner
 from e2e_helpers import EdgeNode, Fleet, fedavg, load_npz_params, package_tarball, prepare_shards, unpack
 from mnist_edge import data, ledger
-from mnist_edge.node import LEDGER_NAME
+from mnist_edge.node import LEDGER_NAME, STATE_DIR
 
 pytestmark = pytest.mark.e2e
 
@@ -105,14 +105,14 @@ def test_every_update_carries_the_audit_numbers_and_matches_the_nodes_ledger(fed
     fleet, _, _ = federation
     for node in fleet.nodes:
         n_train = len(data.load_split(node.data_dir, "train"))  # 667 or 666
-        records = ledger.read(node.workdir / LEDGER_NAME).records
-        trained = [r["metas"][node.name] for r in rounds if node.name in r["metas"]]
+        records = ledger.read(node.data_dir / STATE_DIR / LEDGER_NAME).records  # the ledger lives with the data
+        trained = [r["metas"][node.name]["training_metadata"] for r in rounds if node.name in r["metas"]]
         assert len(records) == len(trained) == (ALLOWED if node.name == "client-0" else ROUNDS)
         for number, (meta, record) in enumerate(zip(trained, records, strict=True), start=1):
             assert meta["dp_epsilon_spent"] == record.epsilon_total == pytest.approx(spent(n_train, number))
             assert (meta["dp_noise_multiplier"], meta["dp_max_grad_norm"], meta["dp_delta"]) == (1.0, 1.0, 1e-5)
             assert meta["dp_sample_rate"] == BATCH / n_train and meta["dp_steps"] == int(1 / (BATCH / n_train))
-            assert meta["training_metadata"]["precision"] == "fp32"
+            assert meta["precision"] == "fp32"
         assert {r.budget is None for r in records} == {node.name == "client-2"}
 
 
