@@ -24,7 +24,7 @@ SEED_DIR ?= seed
 SEED   := $(SEED_DIR)/seed.npz
 DEMO   := demo
 
-.PHONY: venv demo test test-client-1.1 seed package bench mutate clean
+.PHONY: venv demo test test-slow test-all lint docs test-client-1.1 seed package bench mutate clean
 
 venv: $(VENV)/.installed
 
@@ -53,12 +53,28 @@ demo: seed
 	$(PY) -m mnist_edge prepare --source mnist5k --clients 3 --partition dirichlet --alpha 0.5 --seed 0 --out $(DEMO)/clients
 	$(PY) -m mnist_edge simulate --data $(DEMO)/clients --rounds 5 --init $(SEED) --out $(DEMO)/run
 
+# The fast tier (unit and in-process tests, a few minutes): what to run while changing code.
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not e2e and not slow"
+
+# The slow tiers: real `scaleout client start` processes against the loopback combiner (e2e) and
+# training on real images for more than a few seconds (slow).
+test-slow: venv
+	$(PY) -m pytest -q -m "e2e or slow"
+
+# Everything CI runs on one client line: lint, the fast tier, the slow tiers.
+test-all: lint test test-slow
+
+lint: venv
+	$(VENV)/bin/ruff check client tests bench docs
+
+# The Sphinx docs (docs/), warnings as errors, plots drawn from bench/results/; tests/test_docs.py builds them too.
+docs: venv
+	$(PY) -m sphinx -W -b html docs docs/_build/html
 
 # The whole suite on the scaleout 1.1.x line (Python 3.12, .venv-1.1).
 test-client-1.1:
-	$(MAKE) test LINE=1.1
+	$(MAKE) test-all LINE=1.1
 
 # Performance benchmarks (minutes; not part of `make test`): reports land in bench/results/<CPU class>/
 # (the folder `bench/perf_common.py` names for this CPU, e.g. x86_64-avx512_bf16), the round overhead
