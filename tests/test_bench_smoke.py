@@ -22,12 +22,14 @@ SMOKE_RUNS = {
     "privacy.py": ["--batch", "8", "--steps", "1", "--reps", "1", "--threads", "1", "--modes", "hooks", "ghost",
                    "--clients", "2", "--rounds", "1", "--train-images", "64", "--fed-batch-size", "32",
                    "--budgets", "8"],
+    "shared_box.py": ["--clients", "2", "--threads", "1", "--images", "128", "--reps", "1"],
 }
 EXPECTED = {
     "train_ideas.py": "fp32 without channels_last",
     "ingest.py": "peak RSS above the interpreter+imports baseline",
     "round_overhead.py": "container.to_scaleout_model (level-1 npz stored as it is)",
     "privacy.py": "DP step (ghost) / plain (fp32) step: median ratio",
+    "shared_box.py": "run: 2 clients x 128 images, threads 1",
 }
 
 
