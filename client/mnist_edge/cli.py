@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.ledger is not None:
         limits = replace(limits, ledger=args.ledger.absolute())
     _configure_process()
-    standalone.train(args.dataset, args.model, settings, limits, init=args.init)
+    standalone.train(args.dataset, args.model, settings, limits, init=args.init, ranks=node.ranks_from(os.environ))
     return 0
 
 

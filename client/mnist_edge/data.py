@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
@@ -52,9 +52,23 @@ class Dataset:
     bad_rows: list[BadRow]
     fingerprint: str
     duplicate_image_ids: int = 0
+    shard_sha256: tuple[str, ...] = ()  # each file's, in order: the fingerprint is built from these
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def part(self, index: int, parts: int) -> Dataset:
+        """Every ``parts``-th row from row ``index``: one of ``parts`` disjoint parts covering all rows.
+
+        The fingerprint stays the whole dataset's: it names the data the job as a whole trained on.
+        """
+        return replace(self, images=self.images[index::parts], labels=self.labels[index::parts],
+                       image_ids=self.image_ids[index::parts])
+
+
+def fingerprint(shard_sha256: list[str] | tuple[str, ...]) -> str:
+    """``data_fingerprint``: the sha256 over the shards' own sha256s, in file order."""
+    return hashlib.sha256("".join(shard_sha256).encode("ascii")).hexdigest()
 
 
 # -- the cache: decoded shards and datasets, kept while they are current ----------------------
@@ -188,6 +202,14 @@ def split_location(data_dir: str | Path, split: str) -> Path:
     return directory
 
 
+def load_files(files: list[Path], location: Path, labels_required: bool = True) -> Dataset:
+    """The valid rows of these shard ``files`` (a part of ``location``), read now and not cached."""
+    shards = [read_shard(path, labels_required) for path in files]
+    for shard in shards:
+        _report(shard)
+    return _combine(location, shards)
+
+
 def load_dataset(location: str | Path, labels_required: bool = True) -> Dataset:
     """All valid rows under ``location``; reports bad rows; raises DataError if none are valid."""
     files = shard_files(location)
@@ -232,9 +254,10 @@ def _combine(location: Path, shards: list[Shard]) -> Dataset:
     duplicates = int(len(ids) - len(np.unique(ids)))
     if duplicates:
         log.warning("%s: %d rows repeat an image_id already seen", location, duplicates)
-    fingerprint = hashlib.sha256("".join(s.sha256 for s in shards).encode("ascii")).hexdigest()
+    hashes = tuple(s.sha256 for s in shards)
     bad_rows = [bad for s in shards for bad in s.bad_rows][:WARN_FIRST]
-    return Dataset(images, labels, ids, [s.path for s in shards], skipped, bad_rows, fingerprint, duplicates)
+    return Dataset(images, labels, ids, [s.path for s in shards], skipped, bad_rows, fingerprint(hashes), duplicates,
+                   hashes)
 
 
 def load_split(data_dir: str | Path, split: str, labels_required: bool = True) -> Dataset:

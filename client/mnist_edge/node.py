@@ -25,8 +25,9 @@ DP_EPSILON = "MNIST_EDGE_DP_EPSILON"
 DP_DELTA = "MNIST_EDGE_DP_DELTA"
 DP_ROUNDS = "MNIST_EDGE_DP_ROUNDS"
 DP_LEDGER = "MNIST_EDGE_DP_LEDGER"
+DIST_TIMEOUT = "MNIST_EDGE_DIST_TIMEOUT"
 S3_LIMITS = ("MNIST_EDGE_S3_MAX_OBJECTS", "MNIST_EDGE_S3_MAX_BYTES")  # read by storage.S3Config
-KNOWN = (THREADS, DP_EPSILON, DP_DELTA, DP_ROUNDS, DP_LEDGER, *S3_LIMITS)
+KNOWN = (THREADS, DP_EPSILON, DP_DELTA, DP_ROUNDS, DP_LEDGER, DIST_TIMEOUT, *S3_LIMITS)
 """Every ``MNIST_EDGE_*`` variable there is; any other name with that prefix is refused."""
 
 DEFAULT_DATA_DIR = "data"
@@ -134,6 +135,34 @@ def privacy_from(environ: Mapping[str, str], data_dir: Path, cwd: Path) -> Priva
         rounds=_integer(environ, DP_ROUNDS, 1, MAX_DP_ROUNDS) or DEFAULT_DP_ROUNDS,
         ledger=(cwd / ledger).absolute() if ledger else data_dir / STATE_DIR / LEDGER_NAME,
     )
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel job (``torchrun``, a Kubeflow job): torch's variables."""
+
+    rank: int
+    world_size: int
+    local_rank: int = 0
+    timeout: float = 60.0  # seconds a collective waits for a lost rank before the job fails
+
+    @property
+    def writes(self) -> bool:
+        """Rank 0 alone writes the model, its meta and anything else; the others never write."""
+        return self.rank == 0
+
+
+def ranks_from(environ: Mapping[str, str]) -> Ranks | None:
+    """``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` as torchrun and Kubeflow's PyTorchJob set them; None alone."""
+    world = _integer(environ, "WORLD_SIZE", 1, MAX_CLIENTS)
+    if world is None or world == 1:
+        return None
+    rank = _integer(environ, "RANK", 0, world - 1)
+    if rank is None:
+        raise NodeConfigError(f"WORLD_SIZE is {world} but RANK is not set: start the job with torchrun "
+                              "(or a launcher that sets RANK, MASTER_ADDR and MASTER_PORT)")
+    timeout = _number(environ, DIST_TIMEOUT, "a number of seconds from 1 to 3600", lambda v: 1 <= v <= 3600)
+    return Ranks(rank, world, _integer(environ, "LOCAL_RANK", 0, MAX_CLIENTS - 1) or 0, timeout or 60.0)
 
 
 def _raw(environ: Mapping[str, str], name: str) -> str | None:

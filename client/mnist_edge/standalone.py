@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from . import data, files, meta, model, paths, privacy, report, training
+from . import data, distributed, files, hardware, meta, model, paths, privacy, report, training
 from .model import ModelFileError
-from .node import PrivacyLimits
+from .node import PrivacyLimits, Ranks
 from .progress import progress
-from .settings import capped_batch_size, parse_settings
+from .settings import TrainSettings, capped_batch_size, parse_settings
 
 DEFAULT_MODEL_NAME = "mnist.pth"
 DEFAULT_RESULT_NAME = "result.csv"
@@ -48,8 +48,12 @@ def save_model(params: list[np.ndarray], path: Path) -> Path:
 
 
 def train(dataset: str | Path, model_out: str | Path, settings: dict[str, Any], limits: PrivacyLimits,
-          init: str | Path | None = None, echo: Echo = print) -> Path:
-    """Train the CNN on one dataset; write the model and its meta (both atomically)."""
+          init: str | Path | None = None, echo: Echo = print, ranks: Ranks | None = None) -> Path:
+    """Train the CNN on one dataset; write the model and its meta (both atomically).
+
+    With ``ranks`` (a data-parallel job: torchrun, a Kubeflow job) this process trains its part of
+    the data under DDP (:mod:`mnist_edge.distributed`) and only rank 0 writes.
+    """
     requested = parse_settings(settings)
     out = output_path(model_out, DEFAULT_MODEL_NAME)
     for target in (out, meta.meta_path(out)):  # before the training, not after it
@@ -57,18 +61,16 @@ def train(dataset: str | Path, model_out: str | Path, settings: dict[str, Any], 
     net = model.new_model(requested.seed if requested.seed is not None else 0)
     if init is not None:
         model.set_parameters(net, model.load_model_file(init), str(init))
-    found = data.load_dataset(dataset, labels_required=True)
-    settings_used = capped_batch_size(requested, len(found))
-    plan = privacy.plan_round(settings_used, len(found), limits)
-    batches = settings_used.epochs * math.ceil(len(found) / settings_used.batch_size) if plan is None else plan.steps
-    with progress(batches, "train", "batches") as bar:
-        hooks = {"on_batch": bar.update, "on_metrics": bar.set_postfix}
-        if plan is None:
-            result, dp_metadata = training.train(net, found.images, found.labels, settings_used, **hooks), {}
-        else:  # DP-SGD: the node has a budget or a --dp-* flag asked; charged before the first batch
-            result, dp_metadata = privacy.train_round(net, found.images, found.labels, settings_used, plan, limits,
-                                                      model_id=str(init or "standalone"),
-                                                      data_fingerprint=found.fingerprint, **hooks)
+    if ranks is None:
+        found = data.load_dataset(dataset, labels_required=True)
+        result, used, dp_metadata, whole, job = _train_here(net, found, requested, limits, init)
+    else:
+        result, used, dp_metadata, whole, job = _train_in_job(net, dataset, requested, limits, ranks)
+        mine = job["ranks"][ranks.rank]
+        echo(f"rank {ranks.rank} of {ranks.world_size}: trained on {mine['rows']} rows of {len(mine['files'])} "
+             f"shard(s) (every {mine['stride']}. row from {mine['offset']}); weights sha256 {job['weights_sha256']}")
+        if not ranks.writes:
+            return out
     save_model(model.get_parameters(net), out)
     record = {
         "model_kind": meta.MODEL_KIND,
@@ -77,14 +79,46 @@ def train(dataset: str | Path, model_out: str | Path, settings: dict[str, Any], 
         "model_file": out.name,
         "init": None if init is None else str(init),
         "created_at": meta.now(),
-        **report.training_metadata(result, settings_used, requested, found, dp_metadata),
+        **report.training_metadata(result, used, requested, whole, dp_metadata),
+        **({"distributed": job} if job else {}),
     }
     meta.write(meta.meta_path(out), record)
-    echo(f"trained {result.num_examples} images for {settings_used.epochs} epoch(s): "
+    echo(f"trained {result.num_examples} images for {used.epochs} epoch(s): "
          f"training_loss {result.training_loss:.4f}, training_accuracy {result.training_accuracy:.4f}"
-         + (f" ({found.rows_skipped} rows skipped)" if found.rows_skipped else ""))
+         + (f" ({whole.rows_skipped} rows skipped)" if whole.rows_skipped else ""))
     echo(f"wrote {out} and {meta.meta_path(out)}")
     return out
+
+
+def _train_here(net, found: data.Dataset, requested: TrainSettings, limits: PrivacyLimits, init):
+    """One process: plain training, or DP-SGD when the node has a budget or a ``--dp-*`` flag asked."""
+    used = capped_batch_size(requested, len(found))
+    plan = privacy.plan_round(used, len(found), limits)
+    batches = used.epochs * math.ceil(len(found) / used.batch_size) if plan is None else plan.steps
+    with progress(batches, "train", "batches") as bar:
+        hooks = {"on_batch": bar.update, "on_metrics": bar.set_postfix}
+        if plan is None:
+            return training.train(net, found.images, found.labels, used, **hooks), used, {}, found, None
+        result, dp_metadata = privacy.train_round(net, found.images, found.labels, used, plan, limits,
+                                                  model_id=str(init or "standalone"),
+                                                  data_fingerprint=found.fingerprint, **hooks)
+    return result, used, dp_metadata, found, None
+
+
+def _train_in_job(net, dataset: str | Path, requested: TrainSettings, limits: PrivacyLimits, ranks: Ranks):
+    """This rank's part of a data-parallel job; the result and the dataset are the whole job's."""
+    if limits.epsilon is not None or requested.asks_for_dp:
+        raise privacy.PrivacyError("DP-SGD runs in one process: a node budget or a --dp-* flag cannot be used "
+                                   f"in a data-parallel job (WORLD_SIZE {ranks.world_size}); train without torchrun")
+    device = hardware.select_device()
+    with distributed.process_group(ranks, device):
+        mine, whole, job = distributed.load_part(data.shard_files(dataset), Path(dataset), ranks)
+        used = capped_batch_size(requested, len(whole.image_ids))
+        batches = used.epochs * math.ceil(len(mine) / max(1, -(-used.batch_size // ranks.world_size)))
+        with progress(batches, f"train (rank {ranks.rank})", "batches", enabled=ranks.writes) as bar:
+            result = distributed.train(net, mine, used, ranks, device, bar.update, bar.set_postfix)
+        job["weights_sha256"] = distributed.check_same_weights(net, ranks)
+    return result, used, {}, whole, job
 
 
 def predict(model_file: str | Path, dataset: str | Path, result: str | Path, echo: Echo = print) -> Path:
