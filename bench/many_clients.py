@@ -49,11 +49,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the loopback combiner
 
-import torch  # noqa: E402
-from combiner import TRAIN, TestCombiner, enrollment_token  # noqa: E402
-
-from mnist_edge import data, model  # noqa: E402
-from perf_common import Report, images, load, machine  # noqa: E402
+import torch
+from combiner import TRAIN, TestCombiner, enrollment_token
+from mnist_edge import data, model
+from perf_common import Report, images, load, machine
 
 MODES = ("alone", "default", "budget", "lock", "launch", "launch-lock")
 SCALEOUT = Path(sys.executable).parent / "scaleout"
@@ -194,7 +193,7 @@ def train_round(combiner: TestCombiner, ids: list[str], model_id: str, number: i
 def run_mode(mode: str, args: argparse.Namespace, root: Path, data_dirs: list[Path], report: Report) -> dict | None:
     if mode.startswith("launch"):
         try:
-            import scaleoututil.launchers  # noqa: F401, PLC0415
+            import scaleoututil.launchers  # noqa: F401
         except ImportError:
             report(f"{mode}: skipped (no scaleoututil.launchers in this scaleout)")
             return None

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,30 +52,30 @@ class DispatchedClient:
         return None
 
 
-def data_dir_from_env(environ: os._Environ | dict[str, str]) -> Path:
+def data_dir_from_env(environ: Mapping[str, str]) -> Path:
     """``$SCALEOUT_DATA_DIR``, which must be absolute: the command runs in the package directory,
     not where the operator started the client, so a relative path would name another place."""
     value = environ.get("SCALEOUT_DATA_DIR")
     if not value or not Path(value).is_absolute():
         raise data.DataError(
             f"SCALEOUT_DATA_DIR must be the absolute path of the node's data directory under "
-            f"`scaleout client start --dispatcher` (commands run in the package directory "
-            f"{Path.cwd()}), got {value!r}")
+            f"`scaleout client start --dispatcher` (its commands run in the package directory, not "
+            f"where the client was started), got {value!r}")
     return Path(value)
 
 
 def startup(data_dir: Path) -> None:
-    """Fail the client's start on an unusable data directory; say which library runs."""
+    """Say which library and data directory the tasks will use; warn if there is nothing to train on."""
     log.info("mnist_edge %s from %s; data directory %s", __version__, Path(__file__).parent, data_dir)
     if not data.has_split(data_dir, "train"):
         log.warning("%s has no train/ split yet: training tasks will fail until shards are there", data_dir)
 
 
-def tasks_for(environ: os._Environ | dict[str, str]) -> edge.EdgeTasks:
+def tasks_for(environ: Mapping[str, str]) -> edge.EdgeTasks:
     return edge.EdgeTasks(DispatchedClient(), data_dir_from_env(environ))
 
 
-def train(environ: os._Environ | dict[str, str], inpath: Path, outpath: Path) -> None:
+def train(environ: Mapping[str, str], inpath: Path, outpath: Path) -> None:
     metadata_path = Path(f"{outpath}-metadata")
     try:
         tasks = tasks_for(environ)
@@ -91,7 +92,7 @@ def train(environ: os._Environ | dict[str, str], inpath: Path, outpath: Path) ->
     metadata_path.write_text(json.dumps({**meta.pop("training_metadata"), **meta}))
 
 
-def validate(environ: os._Environ | dict[str, str], inpath: Path, outpath: Path) -> None:
+def validate(environ: Mapping[str, str], inpath: Path, outpath: Path) -> None:
     try:
         tasks = tasks_for(environ)
         with edge.ScaleoutModel.from_file(str(inpath)) as global_model:
