@@ -16,6 +16,8 @@ Modes (``--modes``):
 - ``alone``: ONE client, default threads (torch takes every core): the reference.
 - ``default``: N clients started by hand, each with its own ``SCALEOUT_DATA_DIR`` and default
   threads: today's behaviour.
+- ``alone-passive`` / ``passive``: ``alone`` / ``default`` with ``OMP_WAIT_POLICY=PASSIVE``
+  (idle OpenMP threads sleep instead of spinning; libgomp reads it when torch is imported).
 - ``budget``: as ``default`` plus ``CLIENT_NUMBER``/``TOTAL_N_CLIENTS`` and ``--threads-env``
   (``OMP_NUM_THREADS`` today, which torch reads at import) set to ``cores // N`` (at least 1).
   ``--threads-env ''`` sets no thread variable: for a package that budgets from
@@ -29,7 +31,7 @@ Modes (``--modes``):
   distinct data fingerprints the updates carry.
 
     nice -n 10 .venv-1.1/bin/python bench/many_clients.py [--clients 5 --images-per-client 6000]
-        [--rounds 2 --modes alone,default,budget,lock,launch,launch-lock --out FILE]
+        [--rounds 2 --modes alone,default,budget,lock,launch,launch-lock --env KEY=VALUE --out FILE]
 """
 
 from __future__ import annotations
@@ -54,12 +56,13 @@ from combiner import TRAIN, TestCombiner, enrollment_token
 from mnist_edge import data, model
 from perf_common import Report, images, load, machine
 
-MODES = ("alone", "default", "budget", "lock", "launch", "launch-lock")
+MODES = ("alone", "alone-passive", "default", "passive", "budget", "lock", "launch", "launch-lock")
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}  # OpenMP threads sleep at barriers instead of spinning
 SCALEOUT = Path(sys.executable).parent / "scaleout"
 POLL = 1  # seconds between a client's polls
 READY_TIMEOUT = 300  # N clients importing torch on two busy cores
 ROUND_TIMEOUT = 1800
-CLEARED = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CLIENT_NUMBER", "TOTAL_N_CLIENTS")
+CLEARED = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "CLIENT_NUMBER", "TOTAL_N_CLIENTS")
 
 
 @dataclass
@@ -137,7 +140,8 @@ def start_by_hand(combiner: TestCombiner, root: Path, data_dirs: list[Path], ext
     return fleet, names
 
 
-def start_launched(combiner: TestCombiner, root: Path, data_dirs: list[Path], serialize: bool) -> tuple[Fleet, list[str]]:
+def start_launched(combiner: TestCombiner, root: Path, data_dirs: list[Path], serialize: bool, extra: dict
+                   ) -> tuple[Fleet, list[str]]:
     workdir = with_package(root / "launched")
     (workdir / "data").mkdir()
     for data_dir in data_dirs:
@@ -148,7 +152,7 @@ def start_launched(combiner: TestCombiner, root: Path, data_dirs: list[Path], se
             f"serialize_compute={serialize}, scaleout_bin={str(SCALEOUT)!r}, "
             f"extra_client_args=['--disable-managed-env']))")
     with open(workdir / "launcher.log", "wb") as log:
-        launcher = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, env=base_env(workdir), stdout=log,
+        launcher = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, env={**base_env(workdir), **extra}, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
     fleet = Fleet(launcher=launcher)
     combiner.health_check = fleet.check_alive
@@ -158,21 +162,23 @@ def start_launched(combiner: TestCombiner, root: Path, data_dirs: list[Path], se
     return fleet, [by_name[f"client-{i}"] for i in range(len(data_dirs))]
 
 
-def start(mode: str, combiner: TestCombiner, root: Path, data_dirs: list[Path], threads_env: str
+def start(mode: str, combiner: TestCombiner, root: Path, data_dirs: list[Path], threads_env: str, extra: dict
           ) -> tuple[Fleet, list[str]]:
+    """Start the clients of ``mode``; ``extra`` (``--env``) goes into every client's environment."""
     cores = os.cpu_count() or 1
-    if mode == "alone":
-        return start_by_hand(combiner, root, data_dirs[:1], {})
-    if mode == "default":
-        return start_by_hand(combiner, root, data_dirs, {})
+    if mode.startswith("alone"):
+        return start_by_hand(combiner, root, data_dirs[:1], {**extra, **(PASSIVE if mode == "alone-passive" else {})})
+    if mode in ("default", "passive"):
+        return start_by_hand(combiner, root, data_dirs, {**extra, **(PASSIVE if mode == "passive" else {})})
     if mode == "budget":
-        extra = {"CLIENT_NUMBER": "{i}", "TOTAL_N_CLIENTS": "{n}"}
+        budget = {"CLIENT_NUMBER": "{i}", "TOTAL_N_CLIENTS": "{n}"}
         if threads_env:
-            extra[threads_env] = str(max(1, cores // len(data_dirs)))
-        return start_by_hand(combiner, root, data_dirs, extra)
+            budget[threads_env] = str(max(1, cores // len(data_dirs)))
+        return start_by_hand(combiner, root, data_dirs, {**extra, **budget})
     if mode == "lock":
-        return start_by_hand(combiner, root, data_dirs, {"SCALEOUT_CLIENT_COMPUTE_LOCK": str(root / "compute.lock")})
-    return start_launched(combiner, root, data_dirs, serialize=mode == "launch-lock")
+        return start_by_hand(combiner, root, data_dirs,
+                             {**extra, "SCALEOUT_CLIENT_COMPUTE_LOCK": str(root / "compute.lock")})
+    return start_launched(combiner, root, data_dirs, mode == "launch-lock", extra)
 
 
 def train_round(combiner: TestCombiner, ids: list[str], model_id: str, number: int) -> dict:
@@ -201,7 +207,7 @@ def run_mode(mode: str, args: argparse.Namespace, root: Path, data_dirs: list[Pa
     fleet = Fleet()
     try:
         seed = combiner.put_model(model.get_parameters(seeded_net()))
-        fleet, ids = start(mode, combiner, root / mode, data_dirs, args.threads_env)
+        fleet, ids = start(mode, combiner, root / mode, data_dirs, args.threads_env, args.env)
         combiner.health_check = fleet.check_alive
         combiner.wait_for_clients(ids, READY_TIMEOUT)
         rounds = [train_round(combiner, ids, seed, r) for r in range(1, args.rounds + 1)]
@@ -231,10 +237,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--threads-env", default="OMP_NUM_THREADS", help="budget mode's thread variable ('' none)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="also set this in every client's environment (repeatable)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temp folder)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
+    if any("=" not in pair for pair in args.env):
+        parser.error(f"--env wants KEY=VALUE, got {next(p for p in args.env if '=' not in p)!r}")
+    args.env = dict(pair.split("=", 1) for pair in args.env)
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown mode {unknown[0]!r}; modes: {', '.join(MODES)}")
@@ -242,19 +253,21 @@ def main() -> None:
     report = Report()
     report(machine())
     report(f"{args.clients} clients x {args.images_per_client} images (mnist5k, shuffled per client, repeated), "
-           f"1 epoch a round, {args.rounds} round(s) per mode; niceness {os.nice(0)}; {load()} at start")
+           f"1 epoch a round, {args.rounds} round(s) per mode; niceness {os.nice(0)}; {load()} at start"
+           + "".join(f"; {k}={v} for every client" for k, v in args.env.items()))
     root = Path(tempfile.mkdtemp(prefix="many-clients-", dir=args.work))
     try:
         data_dirs = write_data(root / "data", args.clients, args.images_per_client)
         results = {mode: run_mode(mode, args, root, data_dirs, report) for mode in modes}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    alone = (results.get("alone") or {}).get("rate")
-    report("summary (last round): mode, clients, total images/s, / alone, peak RSS sum")
+    references = [m for m in ("alone", "alone-passive") if results.get(m)]
+    report(f"summary (last round): mode, clients, total images/s, {', '.join('/ ' + m for m in references)}, "
+           "peak RSS sum")
     for mode, r in results.items():
         if r is not None:
-            ratio = f"{r['rate'] / alone:.2f}x" if alone else "n/a"
-            report(f"  {mode:<12} {r['clients']:>2} {r['rate']:>7.0f} {ratio:>7} {r['rss']:>7.0f} MiB")
+            ratios = "".join(f" {r['rate'] / results[m]['rate']:>7.2f}x" for m in references)
+            report(f"  {mode:<13} {r['clients']:>2} {r['rate']:>7.0f}{ratios} {r['rss']:>7.0f} MiB")
     report.save(args.out)
 
 
