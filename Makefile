@@ -24,7 +24,7 @@ SEED_DIR ?= seed
 SEED   := $(SEED_DIR)/seed.npz
 DEMO   := demo
 
-.PHONY: venv demo test test-slow test-all lint docs test-client-1.1 seed package bench mutate clean
+.PHONY: venv demo test test-slow test-all lint docs test-client-1.1 seed package package-dispatcher bench mutate clean
 
 venv: $(VENV)/.installed
 
@@ -47,6 +47,13 @@ seed: venv
 
 package: venv
 	$(VENV)/bin/scaleout package create --path client
+
+# The package for `scaleout client start --dispatcher` (README "Deploying"): dispatcher/scaleout.yaml
+# with client/'s python_env.yaml and library, assembled in build/dispatcher, tarred as package-dispatcher.tgz.
+DISPATCHER_DIR ?= build/dispatcher
+package-dispatcher: venv
+	$(PY) dispatcher/assemble.py $(DISPATCHER_DIR)
+	$(VENV)/bin/scaleout package create --path $(DISPATCHER_DIR) --name package-dispatcher.tgz
 
 # A local federation: 3 non-IID clients (Dirichlet alpha 0.5) from the bundled 5k images, 5 FedAvg rounds.
 demo: seed

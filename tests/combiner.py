@@ -32,7 +32,7 @@ fields of that line's proto:
    the metrics as JSON ``data``. ``Scaleout_Inference`` downloads into the model cache
    (1.0.7: ``./.model_cache``, 1.1: ``./.scaleout/model_cache``) and runs the inference callback
    with ``json.loads(data)["parameters"]``; nothing comes back but what the callback logs.
-   ``Custom_<name>`` runs a registered callback with ``parameters``.
+   ``Custom_<name>``: see 9.
 6. Side channels: ``SendModelMetric`` (``client.log_metric``, float values only) and
    ``SendStatus`` around train and validate. 1.0.7: ``SendAttributeMessage``
    (``client.log_attributes``, string values only) and ``SendTelemetryMessage`` every 5 s.
@@ -48,10 +48,34 @@ fields of that line's proto:
 8. Models are ScaleoutModel ZIPs. ``Download`` streams ``FileChunk``\\ s and may set the
    trailing metadata ``checksum``, which the client verifies; ``Upload`` streams chunks with the
    metadata ``model-id`` and ``checksum`` and expects a ``ModelResponse``.
+9. Custom commands (:meth:`TestCombiner.submit_command`). ``set_custom_callback(name, f)``
+   registers ``f`` under ``Custom_<name>`` on both lines (the prefix is added when missing), so
+   the task type the server sends is ``Custom_<name>``; a type nobody registered is FAILED with
+   ``{"error": "Unknown task type: Custom_<name>"}``. The callback gets
+   ``json.loads(data)["parameters"]`` (``{}`` when absent), not the TaskRequest, and runs with the
+   request's round and session as its metrics' context. Its return value is the task's report
+   ``response`` (JSON; omitted when falsy). An exception in it is swallowed: COMPLETED, no
+   response. A value json cannot encode: 1.1 FAILS the task; 1.0.7's polling thread dies on it and
+   the client exits 0. Attributes it logs arrive separately (1.1: after the task may be done).
+10. Enrollment (1.1, what ``scaleoututil.launchers.launch_clients`` hands every client):
+   ``--token`` with a JWT whose claim ``role`` is ``enrollment`` makes ``scaleout client start``
+   call ``POST /api/v1/clients/enroll`` (``{name, client_id?}``, ``Authorization: Bearer``) for
+   ``{client_id, access_token, refresh_token}`` before step 1; the client adopts that id, keeps
+   only the refresh token, and trades it at ``POST /api/v1/clients/token``
+   (``{refresh_token, role}`` -> ``{access_token, refresh_token}``) before it registers.
+   Signatures are not checked by the client; this combiner issues unsigned tokens that expire in
+   a day (:func:`enrollment_token`).
+11. The dispatcher client (``scaleout client start --dispatcher``) speaks the same protocol;
+   only its train and validate run ``entry_points.<train|validate>.command IN OUT`` in a
+   subprocess (``scaleout/client/dispatcher_client.py``). A command that exits non-zero reaches
+   the server as a FAILED train task with ``{"error": "Train callback returned None model."}`` or
+   a COMPLETED validation without a ``ModelValidation``; its output never does. Custom commands
+   are not registered there: every ``Custom_*`` task FAILS as an unknown type.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import threading
@@ -74,7 +98,25 @@ TRAIN = "Scaleout_ModelUpdate"
 VALIDATE = "Scaleout_Validation"
 INFER = "Scaleout_Inference"
 DONE_STATUSES = ("COMPLETED", "FAILED", "INTERRUPTED")
+CUSTOM_PREFIX = "Custom_"  # what set_custom_callback puts before a command's name, on both lines
 HELPER = get_helper("numpyhelper")
+
+
+def command_type(name: str) -> str:
+    """The task type a client runs ``set_custom_callback(name, ...)`` for."""
+    return name if name.startswith(CUSTOM_PREFIX) else CUSTOM_PREFIX + name
+
+
+def unsigned_jwt(claims: dict[str, Any]) -> str:
+    """A JWT with ``alg: none``: the client reads claims without checking signatures."""
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
+
+
+def enrollment_token() -> str:
+    """What ``scaleout client create-enrollment-token`` would give an admin, for this combiner."""
+    return unsigned_jwt({"role": "enrollment", "exp": int(time.time()) + 86400})
 
 
 def record_value(payload: str) -> Any:
@@ -99,6 +141,7 @@ class Task:
     autonomous: bool = False  # started by the client itself (1.1), registered by its first report
     client_times: tuple[Any, Any] = (None, None)  # 1.1: the client's started_at, completed_at
     registration_reports: int = 0  # 1.1: reports that carried command_type (1 once acked)
+    attributes_before: int = 0  # how many attribute messages had arrived when it was submitted
 
     @property
     def correlation_id(self) -> str:
@@ -107,6 +150,15 @@ class Task:
     @property
     def client_id(self) -> str:
         return self.request.client_id
+
+
+@dataclass
+class CommandReply:
+    """Everything the server received for one custom command."""
+
+    task: Task  # status and response: the callback's return value, or the client's error
+    attributes: dict[str, Any]  # sent by the client since the command was submitted, latest per key
+    metrics: list[msg.ModelMetric]  # logged inside the callback (tagged with the command's round)
 
 
 class CombinerTimeout(AssertionError):
@@ -130,6 +182,7 @@ class TestCombiner:
         self._polls: dict[str, int] = {}  # client id -> number of PollAndReportAsync calls
         self.poll_intervals_ms: dict[str, set[int]] = {}  # 1.1: what each client says it polls at
         self.registrations: list[dict[str, Any]] = []
+        self.enrollments: list[dict[str, Any]] = []  # 1.1: POST /api/v1/clients/enroll bodies
         self.announces: list[msg.ClientAnnounceRequest] = []
         self.updates: list[msg.ModelUpdate] = []
         self.validations: list[msg.ModelValidation] = []
@@ -242,8 +295,34 @@ class TestCombiner:
             client_id=client_id,
         )
         with self._lock:
-            self._tasks[request.correlation_id] = Task(request)
+            self._tasks[request.correlation_id] = Task(request, attributes_before=len(self.attributes))
         return request.correlation_id
+
+    def submit_command(self, client_id: str, name: str, parameters: dict[str, Any] | None = None) -> str:
+        """Queue the custom command ``name`` (``Custom_`` added) with ``parameters``; return its id.
+
+        It gets a round of its own (``command-<id>``) so the metrics it logs can be told apart.
+        """
+        return self.submit_task(client_id, command_type(name), "", {"parameters": parameters or {}},
+                                round_id=f"command-{uuid.uuid4()}")
+
+    def command_reply(self, correlation_id: str, timeout: float, attribute_keys: Iterable[str] = ()) -> CommandReply:
+        """What the server got for a command once it is done and ``attribute_keys`` have arrived.
+
+        1.1 sends attributes after the task may be reported done: name the keys to wait for.
+        """
+        task = self.wait_for_tasks([correlation_id], timeout)[0]
+        keys = set(attribute_keys)
+
+        def arrived() -> dict[str, Any] | None:
+            got = self._attributes_since(task.client_id, task.attributes_before)
+            return got if keys <= set(got) else None
+
+        attributes = self.wait_until(arrived, timeout, f"attributes {sorted(keys)} from {task.client_id}") if keys \
+            else self._attributes_since(task.client_id, task.attributes_before)
+        with self._lock:
+            metrics = [m for m in self.metrics if m.round_id == task.request.round_id]
+        return CommandReply(task, attributes, metrics)
 
     def interrupt(self, correlation_id: str) -> None:
         """Ask the client to abort the task; sent with its next poll unless the task is done."""
@@ -263,8 +342,11 @@ class TestCombiner:
 
     def attributes_of(self, client_id: str) -> dict[str, Any]:
         """The client's attributes, latest value per key: 1.0.7 strings, 1.1 the payload's value."""
+        return self._attributes_since(client_id, 0)
+
+    def _attributes_since(self, client_id: str, first: int) -> dict[str, Any]:
         with self._lock:
-            received = [m for m in self.attributes if m.client_id == client_id]
+            received = [m for m in self.attributes[first:] if m.client_id == client_id]
         values: dict[str, Any] = {}
         for message in received:
             if isinstance(message, msg.AttributeMessage):
@@ -346,6 +428,26 @@ class TestCombiner:
             "package": body.get("package", "local"),
             "helper_type": HELPER.name,
             "grpc_secure": False,  # read by 1.1 only
+        }
+
+    def _enroll(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An enrolled client's identity: its requested id, else one made from its name."""
+        with self._lock:
+            self.enrollments.append(body)
+        client_id = body.get("client_id") or f"{body.get('name', 'client')}-{uuid.uuid4().hex[:8]}"
+        return {"client_id": client_id, **self._tokens(client_id)}
+
+    def _refresh(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /api/v1/clients/token``: the CLI keeps only the refresh token from enrolling."""
+        claims = json.loads(base64.urlsafe_b64decode(body["refresh_token"].split(".")[1] + "=="))
+        return self._tokens(claims["sub"])
+
+    @staticmethod
+    def _tokens(client_id: str) -> dict[str, str]:
+        expires = int(time.time()) + 86400
+        return {
+            "access_token": unsigned_jwt({"sub": client_id, "role": "client", "exp": expires}),
+            "refresh_token": unsigned_jwt({"sub": client_id, "role": "client_refresh", "exp": expires}),
         }
 
     def _record(self, records: list, message: Any) -> msg.Response:

@@ -184,15 +184,19 @@ class ModelService(rpc.ModelServiceServicer):
 
 
 def make_http_handler(combiner: TestCombiner) -> type[BaseHTTPRequestHandler]:
-    """``POST /api/v1/clients/add``: the assignment every ``scaleout client start`` asks for first."""
+    """``POST /api/v1/clients/add``: the assignment every ``scaleout client start`` asks for first;
+    ``POST /api/v1/clients/enroll`` and ``/token``: 1.1's enrollment and its token refresh."""
+    routes = {"/api/v1/clients/add": combiner._register, "/api/v1/clients/enroll": combiner._enroll,
+              "/api/v1/clients/token": combiner._refresh}
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802
-            if self.path.rstrip("/") != "/api/v1/clients/add":
+            route = routes.get(self.path.rstrip("/"))
+            if route is None:
                 self._reply(404, {"message": f"no route {self.path}"})
                 return
             length = int(self.headers.get("Content-Length", 0))
-            self._reply(200, combiner._register(json.loads(self.rfile.read(length))))
+            self._reply(200, route(json.loads(self.rfile.read(length))))
 
         def _reply(self, code: int, body: dict[str, Any]) -> None:
             payload = json.dumps(body).encode()

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from combiner import HELPER, TestCombiner
-from conftest import CLIENT_DIR, VENV_BIN
+from conftest import CLIENT_DIR, CLIENT_LINE, REPO, VENV_BIN
 
 SCALEOUT = VENV_BIN / "scaleout"
 COMMAND_TIMEOUT = 120  # seconds for one package / prepare command
@@ -53,12 +54,48 @@ def quiet_env(workdir: Path, **overrides: str | Path) -> dict[str, str]:
     return env
 
 
-def package_tarball(out_dir: Path) -> Path:
+def package_tarball(out_dir: Path, package_dir: Path = CLIENT_DIR) -> Path:
     """``scaleout package create --path client``: the package as users upload it."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    run([SCALEOUT, "package", "create", "--path", CLIENT_DIR, "--output", out_dir],
+    run([SCALEOUT, "package", "create", "--path", package_dir, "--output", out_dir],
         cwd=out_dir, env=quiet_env(out_dir))
     return out_dir / "package.tgz"
+
+
+def dispatcher_tarball(out_dir: Path) -> Path:
+    """What ``make package-dispatcher`` builds: ``dispatcher/assemble.py``, then package create."""
+    assembled = out_dir / "dispatcher"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, REPO / "dispatcher" / "assemble.py", assembled], cwd=out_dir)
+    return package_tarball(out_dir, assembled)
+
+
+def satisfied_env(package_dir: Path) -> Path:
+    """The dispatcher's managed environment for ``package_dir``, made from this one, offline.
+
+    The dispatcher builds a venv from python_env.yaml where the installed line looks for it
+    (1.0.7: ``<package>/<name>``, reused if it exists; 1.1: ``<package>/.scaleout/venvs/
+    <name>-<sha>``, reused if its env_metadata.txt matches) and runs every command in it. This
+    one is a real venv whose only addition is this venv's site-packages as a plain path: its
+    ``.pth`` files (the editable ``mnist_edge``) are not run, so the commands import the library
+    the package ships.
+    """
+    from scaleoututil.utils.environment import PythonEnv
+
+    python_env = PythonEnv.from_yaml(package_dir / "python_env.yaml")
+    if CLIENT_LINE == "1.1":
+        from scaleoututil.config import SCALEOUT_VENV_DIR  # 1.1 only
+
+        python_env.set_base_path(package_dir / SCALEOUT_VENV_DIR)
+    else:
+        python_env.set_base_path(package_dir)
+    venv = python_env.path
+    run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=package_dir)
+    [site_packages] = (venv / "lib").glob("python3.*/site-packages")
+    (site_packages / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    if CLIENT_LINE == "1.1":
+        python_env._write_metadata(venv)  # what creating it writes last; the dispatcher checks it
+    return venv
 
 
 def unpack(tarball: Path, workdir: Path) -> Path:
@@ -111,6 +148,7 @@ class EdgeNode:
     data_dir: Path
     process: subprocess.Popen | None = field(default=None, repr=False)
     env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. the node's DP budget
+    dispatcher: bool = False  # ``--dispatcher``: the package's commands in subprocesses
 
     @property
     def log_path(self) -> Path:
@@ -130,8 +168,9 @@ class EdgeNode:
         # --disable-managed-env: run in this venv. scaleout 1.1 would otherwise build one from
         # python_env.yaml in ./.scaleout/venvs (GBs) and restart itself in it; 1.0.7 does that
         # only for --remote-package, and takes the flag as well.
+        # The dispatcher ignores the flag: it always runs its commands in python_env.yaml's venv.
         args = [SCALEOUT, "client", "start", "--api-url", combiner.api_url, "--client-id", self.name,
-                "--name", self.name, "--disable-managed-env"]
+                "--name", self.name, "--dispatcher" if self.dispatcher else "--disable-managed-env"]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(  # noqa: S603 (fixed argv, no shell)
                 [str(a) for a in args], cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -55,3 +55,23 @@ def test_train_throughput_compares_fp32_and_native_bf16_naming_the_cpu_in_every_
     native = hardware.bf16_supported(torch.device("cpu"))
     assert [line.split(" / A")[0] for line in results] == ["B fp32"] + (["B bf16"] if native else [])
     assert all(tag in line and "load " in line for line in results)
+
+
+@pytest.mark.e2e
+def test_many_clients_runs_real_clients_and_reports_every_mode(tmp_path: Path) -> None:
+    """Real ``scaleout client start`` processes at a tiny size: each mode's rounds, the peak RSS of
+    every client and the summary against the client alone."""
+    out = tmp_path / "report.txt"
+    result = subprocess.run([sys.executable, str(BENCH / "many_clients.py"), "--clients", "2", "--images-per-client",
+                             "64", "--rounds", "1", "--modes", "alone,budget", "--work", str(tmp_path),
+                             "--out", str(out)], cwd=BENCH.parent, capture_output=True, text=True, timeout=600,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = out.read_text()
+    assert "alone (1 client):\n  round 1: 64 images in " in report
+    assert "budget (2 clients):\n  round 1: 128 images in " in report
+    assert "2 distinct data fingerprint(s)" in report.split("budget (2 clients)")[1]
+    assert report.count("peak RSS per client (MiB): ") == 2
+    summary = report.split("summary (last round)")[1].splitlines()
+    assert [line.split()[:3][:2] for line in summary[1:]] == [["alone", "1"], ["budget", "2"]]
+    assert summary[1].split()[3] == "1.00x"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import uuid
@@ -20,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from combiner import INFER, TRAIN, VALIDATE, Task, TestCombiner
+from combiner import INFER, TRAIN, VALIDATE, Task, TestCombiner, enrollment_token
 from conftest import CLIENT_LINE, MODEL_CACHE, VENV_BIN
-from e2e_helpers import SCALEOUT, EdgeNode, Fleet, quiet_env
+from e2e_helpers import SCALEOUT, STOP_TIMEOUT, EdgeNode, Fleet, quiet_env
 
 pytestmark = pytest.mark.e2e
 
@@ -76,6 +77,13 @@ def startup(client):
     client.set_custom_callback("numpy_result", lambda parameters: {"value": np.float32(1.0)})
     client.set_custom_callback("raises", lambda parameters: 1 / 0)
     client.set_custom_callback("ping", lambda parameters: client.log_attributes({"ping": parameters["token"]}))
+
+    def report(parameters):
+        client.log_attributes({"report_token": parameters["token"]})
+        client.log_metric({"report_metric": 2.0})
+        return {"echo": parameters, "answer": 42}
+
+    client.set_custom_callback("Custom_report", report)  # already prefixed: registered as it is
 
     def survey():
         for step in range(2000):
@@ -243,6 +251,25 @@ def test_log_metric_takes_numbers_and_log_attributes_values_per_line(fleet: Flee
     assert fleet.combiner.attributes_of(fleet.ids[0]).get("a") == (1 if ON_1_1 else None)
 
 
+def test_a_custom_command_answers_in_the_task_response_with_its_attributes_and_metrics(fleet: Fleet) -> None:
+    """Both lines: the return value is the report's response; what it logs arrives beside it."""
+    token = str(uuid.uuid4())
+    combiner = fleet.combiner
+    reply = combiner.command_reply(combiner.submit_command(fleet.ids[0], "report", {"token": token}), TIMEOUT,
+                                   attribute_keys=["report_token"])
+    assert (reply.task.request.type, reply.task.status) == ("Custom_report", "COMPLETED")
+    assert reply.task.response == {"echo": {"token": token}, "answer": 42}
+    assert reply.attributes["report_token"] == token
+    sent_everything_before(fleet)
+    metrics = combiner.command_reply(reply.task.correlation_id, TIMEOUT).metrics
+    assert [(e.key, e.value) for m in metrics for e in m.metrics] == [("report_metric", 2.0)]
+
+
+def test_a_command_nobody_registered_fails_naming_its_task_type(fleet: Fleet) -> None:
+    reply = fleet.combiner.command_reply(fleet.combiner.submit_command(fleet.ids[0], "nobody"), TIMEOUT)
+    assert (reply.task.status, reply.task.response) == ("FAILED", {"error": "Unknown task type: Custom_nobody"})
+
+
 def test_a_custom_callback_that_raises_is_reported_completed_without_response(fleet: Fleet) -> None:
     task = run_one(fleet, "Custom_raises", "", {"parameters": {}})
     assert (task.status, task.response) == ("COMPLETED", None)
@@ -321,3 +348,70 @@ def test_a_custom_result_json_cannot_encode_fails_the_task_or_stops_the_client(f
     assert node.wait_exit() == 0  # the polling thread died on json.dumps; the client gave up
     assert not combiner.task(cid).done
     assert "is not JSON serializable" in node.log_tail()
+
+
+LAUNCHED = '''
+import os
+import time
+
+from scaleoututil.helpers.helpers import get_helper
+from scaleoututil.utils.model import ScaleoutModel
+
+HELPER = get_helper("numpyhelper")
+PLACE = ("CLIENT_NUMBER", "TOTAL_N_CLIENTS", "SCALEOUT_CLIENT_COMPUTE_LOCK")
+
+
+def startup(client):
+    def train(model, settings):
+        started = time.time()
+        time.sleep(settings["seconds"])
+        meta = {"training_metadata": {"num_examples": 1}, "window": [started, time.time()]}
+        return ScaleoutModel.from_training_model(model.get_training_model(HELPER), HELPER), meta
+
+    client.set_train_callback(train)
+    client.set_custom_callback("place", lambda parameters: {**{k: os.environ.get(k) for k in PLACE},
+                                                            "cwd": os.getcwd()})
+'''
+
+
+@pytest.mark.skipif(not ON_1_1, reason="scaleoututil.launchers is 1.1's")
+def test_launch_clients_numbers_clients_in_one_directory_and_serializes_their_training(tmp_path: Path) -> None:
+    """``launch_clients(serialize_compute=True)``: one enrollment token, one working directory, the
+    place in CLIENT_NUMBER / TOTAL_N_CLIENTS, and train callbacks that never run at the same time."""
+    write_package(tmp_path, LAUNCHED)
+    combiner = TestCombiner().start()
+    launch = (f"import sys; from scaleoututil.launchers import launch_clients; sys.exit(launch_clients("
+              f"api_url={combiner.api_url!r}, enrollment_token={enrollment_token()!r}, "
+              f"num_clients=2, serialize_compute=True, scaleout_bin={str(SCALEOUT)!r}, "
+              f"extra_client_args=['--disable-managed-env']))")
+    env = quiet_env(tmp_path, SCALEOUT_GRPC_SECURE="false", SCALEOUT_CLIENT_TASK_POLLING_INTERVAL=POLL)
+    with open(tmp_path / "launcher.log", "wb") as log:
+        launcher = subprocess.Popen([str(VENV_BIN / "python"), "-c", launch], cwd=tmp_path, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        ids = combiner.wait_until(lambda: {r["name"]: r["client_id"] for r in combiner.registrations}
+                                  if len(combiner.registrations) == 2 else None, TIMEOUT, "two clients to register")
+        assert sorted(ids) == ["client-0", "client-1"] and len(combiner.enrollments) == 2
+        combiner.wait_for_clients(ids.values(), TIMEOUT)
+        places = {name: combiner.command_reply(combiner.submit_command(cid, "place"), TIMEOUT).task.response
+                  for name, cid in ids.items()}
+        assert [places[n]["CLIENT_NUMBER"] for n in sorted(places)] == ["0", "1"]
+        assert {p["TOTAL_N_CLIENTS"] for p in places.values()} == {"2"}
+        assert {p["cwd"] for p in places.values()} == {str(tmp_path)}
+        [lock] = {p["SCALEOUT_CLIENT_COMPUTE_LOCK"] for p in places.values()}
+        assert lock and lock.endswith("compute.lock")
+
+        model_id = combiner.put_model([np.arange(4, dtype=np.float32)])
+        tasks = [combiner.submit_task(cid, TRAIN, model_id, {"client_settings": {"seconds": 2}}) for cid in ids.values()]
+        updates = combiner.wait_for_messages(combiner.updates, tasks, TIMEOUT, "two model updates")
+        first, second = sorted(json.loads(u.meta)["window"] for u in updates.values())
+        assert first[1] <= second[0], f"train callbacks overlapped: {first} and {second}"
+    finally:
+        launcher.terminate()  # launch_clients passes SIGTERM on to its clients
+        try:
+            launcher.wait(STOP_TIMEOUT)
+        finally:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+                launcher.wait(STOP_TIMEOUT)
+            combiner.stop()
