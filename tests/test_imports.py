@@ -47,7 +47,7 @@ def test_only_the_seam_imports_scaleout():
 def test_no_library_module_reads_the_environment_or_the_working_directory():
     """Configuration is read where the process starts (cli, edge.register, node.from_environment's
     caller) and passed down: nothing else reads ``os.environ``, ``os.getenv`` or the working directory."""
-    entry_points = {"cli.py", "edge.py", "__main__.py"}
+    entry_points = {"cli.py", "edge.py", "dispatch.py", "__main__.py"}
     readers = set()
     reads = {("os", "environ"), ("os", "getenv"), ("os", "getcwd"), ("os", "environb"), ("Path", "cwd")}
     for path in PACKAGE.rglob("*.py"):

@@ -9,6 +9,7 @@ aggregated model can be traced back to the exact models and data it came from.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from . import files, meta, model
+from . import files, meta, model, remote
 from .model import ModelFileError
-from .standalone import DEFAULT_MODEL_NAME, output_path
+from .standalone import DEFAULT_MODEL_NAME
+from .storage import S3Config, is_s3_url
 
 
 class ModelSetError(ModelFileError):
@@ -94,25 +96,30 @@ def find_members(model_set: Path) -> list[Path]:
     return entries
 
 
-def aggregate(model_set: str | Path, out: str | Path) -> tuple[Path, dict[str, Any]]:
-    """FedAvg the set into ``out`` (a ``.pth``, or ``mnist.pth`` in a directory) with its meta."""
-    members = [check_member(p) for p in find_members(Path(model_set))]
-    target = output_path(out, DEFAULT_MODEL_NAME)
-    for path in (target, meta.meta_path(target)):  # before the work, not after it
-        files.check_target(path)
-    params = fedavg((model.load_model_file(m.model_file), m.num_examples) for m in members)
-    model.save_pth(params, target)
-    record = {
-        "model_kind": meta.MODEL_KIND,
-        "model_state": "aggregated",
-        "round": max(m.round for m in members),
-        "model_file": target.name,
-        "aggregation": "fedavg",
-        "num_examples": sum(m.num_examples for m in members),
-        "parents": [{"model": m.directory.name, "model_sha256": m.model_sha256,
-                     "data_fingerprint": m.data_fingerprint, "num_examples": m.num_examples, "round": m.round}
-                    for m in members],
-        "created_at": meta.now(),
-    }
-    meta.write(meta.meta_path(target), record)
+def aggregate(model_set: str | Path, out: str | Path,
+              store: S3Config | None = None) -> tuple[Path | list[str], dict[str, Any]]:
+    """FedAvg the set into ``out`` (a ``.pth``, or ``mnist.pth`` in a directory; local or ``s3://``)
+    with its meta. Returns the local model file (or, uploaded, what was written) and the meta."""
+    with tempfile.TemporaryDirectory(prefix="mnist-edge-") as staging:
+        target = remote.output(str(out), DEFAULT_MODEL_NAME, Path(staging))
+        for path in (target, meta.meta_path(target)):  # before the work, not after it
+            files.check_target(path)
+        members = [check_member(p) for p in find_members(remote.model_set(str(model_set), Path(staging), store))]
+        params = fedavg((model.load_model_file(m.model_file), m.num_examples) for m in members)
+        model.save_pth(params, target)
+        record = {
+            "model_kind": meta.MODEL_KIND,
+            "model_state": "aggregated",
+            "round": max(m.round for m in members),
+            "model_file": target.name,
+            "aggregation": "fedavg",
+            "num_examples": sum(m.num_examples for m in members),
+            "parents": [{"model": m.directory.name, "model_sha256": m.model_sha256,
+                         "data_fingerprint": m.data_fingerprint, "num_examples": m.num_examples, "round": m.round}
+                        for m in members],
+            "created_at": meta.now(),
+        }
+        if is_s3_url(str(out)):
+            return remote.publish(target, record, str(out), DEFAULT_MODEL_NAME, store), record
+        meta.write(meta.meta_path(target), record)
     return target, record

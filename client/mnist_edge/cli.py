@@ -29,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _store():
+    """How to reach an ``s3://`` location (``S3_ENDPOINT``, the ``AWS_*`` variables), read here, once."""
+    from .storage import S3Config
+
+    return S3Config.from_environ(os.environ)
+
+
 def _configure_process() -> None:
     """Threads (``MNIST_EDGE_THREADS``, or a share of the box) and the allocator, for commands that train."""
     from . import hardware, node
@@ -66,11 +73,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import node, standalone
 
     settings = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name) is not None}
-    limits = node.privacy_from(os.environ, standalone.dataset_directory(args.dataset), Path.cwd())
+    local = None if args.dataset.startswith("s3://") else standalone.dataset_directory(args.dataset)
+    limits = node.privacy_from(os.environ, local, Path.cwd())
     if args.ledger is not None:
         limits = replace(limits, ledger=args.ledger.absolute())
     _configure_process()
-    standalone.train(args.dataset, args.model, settings, limits, init=args.init, ranks=node.ranks_from(os.environ))
+    standalone.train(args.dataset, args.model, settings, limits, init=args.init, ranks=node.ranks_from(os.environ),
+                     store=_store())
     return 0
 
 
@@ -78,7 +87,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from . import standalone
 
     _configure_process()
-    standalone.predict(args.model, args.dataset, args.result)
+    standalone.predict(args.model, args.dataset, args.result, store=_store())
     return 0
 
 
@@ -99,9 +108,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from . import aggregate, meta
 
-    target, record = aggregate.aggregate(args.model_set, args.out)
+    written, record = aggregate.aggregate(args.model_set, args.out, _store())
+    into = " and ".join(written) if isinstance(written, list) else f"{written} and {meta.meta_path(written)}"
     print(f"aggregated {len(record['parents'])} models ({record['num_examples']} examples, "
-          f"round {record['round']}) into {target} and {meta.meta_path(target)}")
+          f"round {record['round']}) into {into}")
     return 0
 
 
@@ -121,9 +131,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     import json
 
     from . import lineage
-    from .storage import S3Config
-
-    found = lineage.find_lineage(args.model, S3Config.from_environ(os.environ))
+    found = lineage.find_lineage(args.model, _store())
     if args.json:
         print(json.dumps({"model": found.model, "meta": found.meta, "meta_names_this_model": found.matches,
                           "document": found.document}, indent=2))
@@ -184,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train the CNN on a CSV shard or directory; write a .pth")
     p.add_argument("--model", required=True, metavar="OUT", help="model file to write (.pth; .npz for the "
                    "federation), or an existing directory (mnist.pth inside)")
-    p.add_argument("--epochs", "--epoch", type=int, metavar="N", help=f"passes over the data (default {defaults.epochs})")
+    p.add_argument("--epochs", "--epoch", type=int, metavar="N",
+                   help=f"passes over the data (default {defaults.epochs})")
     p.add_argument("--batch-size", type=int, metavar="B", help=f"default {defaults.batch_size}")
     p.add_argument("--learning-rate", type=float, metavar="L", help=f"default {defaults.learning_rate}")
     p.add_argument("--optimizer", metavar="O", help=f"adadelta, sgd or adam (default {defaults.optimizer})")

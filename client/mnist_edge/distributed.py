@@ -110,10 +110,11 @@ def load_part(files: list[Path], location: Path, ranks: Ranks) -> tuple[data.Dat
     everyone = gather(ranks, seen, "reading the shards")
     hashes = {f: h for r in everyone for f, h in zip(r["files"], r["sha256"])}
     ids = np.concatenate([r["ids"] for r in everyone])
+    ordered = tuple(hashes[str(p)] for p in files)
     whole = data.Dataset(images=np.empty((0, 28, 28), np.uint8), labels=np.empty(0, np.int64), image_ids=ids,
                          files=list(files), rows_skipped=sum(r["skipped"] for r in everyone), bad_rows=[],
-                         fingerprint=data.fingerprint([hashes[str(p)] for p in files]),
-                         duplicate_image_ids=int(len(ids) - len(np.unique(ids))))
+                         fingerprint=data.fingerprint(ordered), duplicate_image_ids=int(len(ids) - len(np.unique(ids))),
+                         shard_sha256=ordered)
     job = {"world_size": ranks.world_size,
            "ranks": [{k: r[k] for k in ("rank", "files", "offset", "stride", "rows", "image_ids_sha256")}
                      for r in everyone]}

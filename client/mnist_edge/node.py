@@ -117,11 +117,12 @@ def _has_split(directory: Path) -> bool:
     return any((directory / name).exists() for name in ("train", "train.csv", "test", "test.csv"))
 
 
-def privacy_from(environ: Mapping[str, str], data_dir: Path, cwd: Path) -> PrivacyLimits:
+def privacy_from(environ: Mapping[str, str], data_dir: Path | None, cwd: Path) -> PrivacyLimits:
     """The ``MNIST_EDGE_DP_*`` limits; the ledger lives with the data unless the operator moves it.
 
     Every ``MNIST_EDGE_*`` name is checked here (an unknown one is refused), so every entry point
-    that reads the privacy limits refuses a typo.
+    that reads the privacy limits refuses a typo. Data with no local directory (in a bucket) has
+    no ledger unless the operator names one: a DP run there is refused.
     """
     unknown = sorted(name for name in environ if name.startswith("MNIST_EDGE_") and name not in KNOWN)
     if unknown:
@@ -133,7 +134,7 @@ def privacy_from(environ: Mapping[str, str], data_dir: Path, cwd: Path) -> Priva
         delta=_number(environ, DP_DELTA, "a number between 0 and 1 (exclusive)",
                       lambda v: 0 < v < 1) or DEFAULT_DELTA,
         rounds=_integer(environ, DP_ROUNDS, 1, MAX_DP_ROUNDS) or DEFAULT_DP_ROUNDS,
-        ledger=(cwd / ledger).absolute() if ledger else data_dir / STATE_DIR / LEDGER_NAME,
+        ledger=(cwd / ledger).absolute() if ledger else data_dir / STATE_DIR / LEDGER_NAME if data_dir else None,
     )
 
 

@@ -89,7 +89,8 @@ def train_round(
     nothing charged) or :class:`LedgerError`.
     """
     if limits.ledger is None:
-        raise PrivacyError("this node has no privacy ledger to charge, so it cannot run a DP round")
+        raise PrivacyError("no privacy ledger to charge, so no DP round can run: name one with "
+                           "MNIST_EDGE_DP_LEDGER (or --ledger), a file that persists between runs")
     record = ledger.charge(limits.ledger, model_id=model_id, data_fingerprint=data_fingerprint,
                            noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
                            sample_rate=plan.sample_rate, steps=plan.steps, delta=plan.delta, budget=limits.epsilon)

@@ -9,17 +9,20 @@ the settings rules and the training loops are the ones the edge callbacks use.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import data, distributed, files, hardware, meta, model, paths, privacy, report, training
+from . import data, distributed, files, hardware, meta, model, paths, privacy, remote, report, training
+from .lineage import LocalFile
 from .model import ModelFileError
 from .node import PrivacyLimits, Ranks
 from .progress import progress
 from .settings import TrainSettings, capped_batch_size, parse_settings
+from .storage import S3Config, is_s3_url
 
 DEFAULT_MODEL_NAME = "mnist.pth"
 DEFAULT_RESULT_NAME = "result.csv"
@@ -48,45 +51,56 @@ def save_model(params: list[np.ndarray], path: Path) -> Path:
 
 
 def train(dataset: str | Path, model_out: str | Path, settings: dict[str, Any], limits: PrivacyLimits,
-          init: str | Path | None = None, echo: Echo = print, ranks: Ranks | None = None) -> Path:
-    """Train the CNN on one dataset; write the model and its meta (both atomically).
+          init: str | Path | None = None, echo: Echo = print, ranks: Ranks | None = None,
+          store: S3Config | None = None) -> Path:
+    """Train the CNN on one dataset; write the model and its meta (both atomically, or uploaded).
 
-    With ``ranks`` (a data-parallel job: torchrun, a Kubeflow job) this process trains its part of
-    the data under DDP (:mod:`mnist_edge.distributed`) and only rank 0 writes.
+    ``dataset``, ``model_out`` and ``init`` are local paths or ``s3://`` URLs (``store`` says how
+    to reach the bucket). With ``ranks`` (a data-parallel job: torchrun, a Kubeflow job) this
+    process trains its part of the data under DDP (:mod:`mnist_edge.distributed`); rank 0 alone writes.
     """
     requested = parse_settings(settings)
-    out = output_path(model_out, DEFAULT_MODEL_NAME)
-    for target in (out, meta.meta_path(out)):  # before the training, not after it
-        files.check_target(target)
-    net = model.new_model(requested.seed if requested.seed is not None else 0)
-    if init is not None:
-        model.set_parameters(net, model.load_model_file(init), str(init))
-    if ranks is None:
-        found = data.load_dataset(dataset, labels_required=True)
-        result, used, dp_metadata, whole, job = _train_here(net, found, requested, limits, init)
-    else:
-        result, used, dp_metadata, whole, job = _train_in_job(net, dataset, requested, limits, ranks)
-        mine = job["ranks"][ranks.rank]
-        echo(f"rank {ranks.rank} of {ranks.world_size}: trained on {mine['rows']} rows of {len(mine['files'])} "
-             f"shard(s) (every {mine['stride']}. row from {mine['offset']}); weights sha256 {job['weights_sha256']}")
-        if not ranks.writes:
-            return out
-    save_model(model.get_parameters(net), out)
-    record = {
-        "model_kind": meta.MODEL_KIND,
-        "model_state": "trained",
-        "round": meta.next_round(Path(init) if init is not None else None),
-        "model_file": out.name,
-        "init": None if init is None else str(init),
-        "created_at": meta.now(),
-        **report.training_metadata(result, used, requested, whole, dp_metadata),
-        **({"distributed": job} if job else {}),
-    }
-    meta.write(meta.meta_path(out), record)
-    echo(f"trained {result.num_examples} images for {used.epochs} epoch(s): "
-         f"training_loss {result.training_loss:.4f}, training_accuracy {result.training_accuracy:.4f}"
-         + (f" ({whole.rows_skipped} rows skipped)" if whole.rows_skipped else ""))
-    echo(f"wrote {out} and {meta.meta_path(out)}")
+    with tempfile.TemporaryDirectory(prefix="mnist-edge-") as staging:
+        out = remote.output(str(model_out), DEFAULT_MODEL_NAME, Path(staging))
+        for target in (out, meta.meta_path(out)):  # before the training, not after it
+            files.check_target(target)
+        init_path, init_sources = remote.model_file(str(init), Path(staging), store) if init else (None, [])
+        net = model.new_model(requested.seed if requested.seed is not None else 0)
+        if init_path is not None:
+            model.set_parameters(net, model.load_model_file(init_path), str(init))
+        shards = remote.dataset(str(dataset), Path(staging), store, ranks)
+        if ranks is None:
+            found = data.load_files(shards.files, shards.root)
+            result, used, dp_metadata, whole, job = _train_here(net, found, requested, limits, init)
+            sources = shards.sources(found.shard_sha256)
+        else:
+            result, used, whole, job, sources = _train_in_job(net, shards, requested, limits, ranks, echo)
+            dp_metadata = {}
+            if not ranks.writes:
+                return out
+        save_model(model.get_parameters(net), out)
+        record = {
+            "model_kind": meta.MODEL_KIND,
+            "model_state": "trained",
+            "round": meta.next_round(init_path),
+            "model_file": out.name,
+            "init": None if init is None else str(init),
+            "created_at": meta.now(),
+            **report.training_metadata(result, used, requested, whole, dp_metadata),
+            **({"distributed": job} if job else {}),
+            "lineage": remote.lineage_of(sources, whole.fingerprint, store, init_sources),
+        }
+        if not is_s3_url(str(model_out)):
+            record["lineage"]["output"] = LocalFile.of(out).as_dict()
+        meta.write(meta.meta_path(out), record)
+        echo(f"trained {result.num_examples} images for {used.epochs} epoch(s): "
+             f"training_loss {result.training_loss:.4f}, training_accuracy {result.training_accuracy:.4f}"
+             + (f" ({whole.rows_skipped} rows skipped)" if whole.rows_skipped else ""))
+        if is_s3_url(str(model_out)):
+            for line in remote.publish(out, record, str(model_out), DEFAULT_MODEL_NAME, store):
+                echo(line)
+        else:
+            echo(f"wrote {out} and {meta.meta_path(out)}")
     return out
 
 
@@ -105,39 +119,54 @@ def _train_here(net, found: data.Dataset, requested: TrainSettings, limits: Priv
     return result, used, dp_metadata, found, None
 
 
-def _train_in_job(net, dataset: str | Path, requested: TrainSettings, limits: PrivacyLimits, ranks: Ranks):
-    """This rank's part of a data-parallel job; the result and the dataset are the whole job's."""
+def _train_in_job(net, shards: remote.Dataset, requested: TrainSettings, limits: PrivacyLimits, ranks: Ranks,
+                  echo: Echo):
+    """This rank's part of a data-parallel job; the result, the dataset and its inputs are the whole job's."""
     if limits.epsilon is not None or requested.asks_for_dp:
         raise privacy.PrivacyError("DP-SGD runs in one process: a node budget or a --dp-* flag cannot be used "
                                    f"in a data-parallel job (WORLD_SIZE {ranks.world_size}); train without torchrun")
     device = hardware.select_device()
     with distributed.process_group(ranks, device):
-        mine, whole, job = distributed.load_part(data.shard_files(dataset), Path(dataset), ranks)
+        mine, whole, job = distributed.load_part(shards.files, shards.root, ranks)
         used = capped_batch_size(requested, len(whole.image_ids))
         batches = used.epochs * math.ceil(len(mine) / max(1, -(-used.batch_size // ranks.world_size)))
         with progress(batches, f"train (rank {ranks.rank})", "batches", enabled=ranks.writes) as bar:
             result = distributed.train(net, mine, used, ranks, device, bar.update, bar.set_postfix)
         job["weights_sha256"] = distributed.check_same_weights(net, ranks)
-    return result, used, {}, whole, job
+        mine_files = distributed.part_of(shards.files, ranks).files
+        read = {str(p): o for p, o in shards.remote.items() if p in mine_files}
+        parts = distributed.gather(ranks, read, "collecting the lineage")
+        everyone = {path: o for part in parts for path, o in part.items()}
+    shards.remote.update({Path(p): o for p, o in everyone.items()})
+    rows = job["ranks"][ranks.rank]
+    echo(f"rank {ranks.rank} of {ranks.world_size}: trained on {rows['rows']} rows of {len(rows['files'])} "
+         f"shard(s) (every {rows['stride']}. row from {rows['offset']}); weights sha256 {job['weights_sha256']}")
+    return result, used, whole, job, shards.sources(whole.shard_sha256)
 
 
-def predict(model_file: str | Path, dataset: str | Path, result: str | Path, echo: Echo = print) -> Path:
-    """Predict every row of a dataset into ``image_id,label,confidence`` CSV."""
-    net = model.Net()
-    model.set_parameters(net, model.load_model_file(model_file), str(model_file))
-    found = data.load_dataset(dataset, labels_required=False)
-    target = output_path(result, DEFAULT_RESULT_NAME)
-    paths.refuse_inputs(target, found.files, "RESULT")
-    files.check_target(target)
-    with progress(math.ceil(len(found) / training.EVAL_BATCH), "predict", "batches") as bar:
-        predicted, confidence = training.predict(net, found.images, on_batch=bar.update)
-    data.write_predictions(target, found.image_ids, predicted, confidence)
-    echo(f"predicted {len(predicted)} images into {target}"
-         + (f" ({found.rows_skipped} rows skipped)" if found.rows_skipped else ""))
-    labelled = found.labels != data.NO_LABEL
-    if labelled.any():
-        accuracy = float((predicted[labelled] == found.labels[labelled]).mean())
-        echo(f"accuracy {accuracy:.4f} on {int(labelled.sum())} labelled images")
+def predict(model_file: str | Path, dataset: str | Path, result: str | Path, echo: Echo = print,
+            store: S3Config | None = None) -> Path:
+    """Predict every row of a dataset into ``image_id,label,confidence`` CSV (local or ``s3://`` each)."""
+    with tempfile.TemporaryDirectory(prefix="mnist-edge-") as staging:
+        target = remote.output(str(result), DEFAULT_RESULT_NAME, Path(staging))
+        files.check_target(target)
+        local_model, _ = remote.model_file(str(model_file), Path(staging), store)
+        net = model.Net()
+        model.set_parameters(net, model.load_model_file(local_model), str(model_file))
+        shards = remote.dataset(str(dataset), Path(staging), store)
+        found = data.load_files(shards.files, shards.root, labels_required=False)
+        paths.refuse_inputs(target, found.files, "RESULT")
+        with progress(math.ceil(len(found) / training.EVAL_BATCH), "predict", "batches") as bar:
+            predicted, confidence = training.predict(net, found.images, on_batch=bar.update)
+        data.write_predictions(target, found.image_ids, predicted, confidence)
+        if is_s3_url(str(result)):
+            echo(f"uploaded {remote.publish_file(target, str(result), DEFAULT_RESULT_NAME, store)}")
+        echo(f"predicted {len(predicted)} images into {result if is_s3_url(str(result)) else target}"
+             + (f" ({found.rows_skipped} rows skipped)" if found.rows_skipped else ""))
+        labelled = found.labels != data.NO_LABEL
+        if labelled.any():
+            accuracy = float((predicted[labelled] == found.labels[labelled]).mean())
+            echo(f"accuracy {accuracy:.4f} on {int(labelled.sum())} labelled images")
     return target
 
 
