@@ -104,13 +104,13 @@ def load_part(files: list[Path], location: Path, ranks: Ranks) -> tuple[data.Dat
     skipped = mine.rows_skipped if part.offset == 0 else 0  # a row-split rank re-reads the others' bad rows
     if part.stride > 1:
         mine = mine.part(part.offset, part.stride)
-    seen = {"rank": ranks.rank, "files": [str(p) for p in part.files], "offset": part.offset, "stride": part.stride,
+    seen = {"rank": ranks.rank, "files": [p.name for p in part.files], "offset": part.offset, "stride": part.stride,
             "rows": len(mine), "image_ids_sha256": hash_ids(mine.image_ids), "sha256": list(mine.shard_sha256),
             "skipped": skipped, "ids": mine.image_ids}
     everyone = gather(ranks, seen, "reading the shards")
     hashes = {f: h for r in everyone for f, h in zip(r["files"], r["sha256"])}
     ids = np.concatenate([r["ids"] for r in everyone])
-    ordered = tuple(hashes[str(p)] for p in files)
+    ordered = tuple(hashes[p.name] for p in files)  # by name: each rank stages the files in a place of its own
     whole = data.Dataset(images=np.empty((0, 28, 28), np.uint8), labels=np.empty(0, np.int64), image_ids=ids,
                          files=list(files), rows_skipped=sum(r["skipped"] for r in everyone), bad_rows=[],
                          fingerprint=data.fingerprint(ordered), duplicate_image_ids=int(len(ids) - len(np.unique(ids))),

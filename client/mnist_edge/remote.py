@@ -50,7 +50,8 @@ def dataset(location: str, staging: Path, config: S3Config | None, ranks: Ranks 
         from .distributed import part_of  # noqa: PLC0415 (torch.distributed only for a data-parallel job)
 
         wanted = part_of(paths, ranks).files
-    transfer.download([remote[p] for p in wanted], root, config, prefix)
+    for staged in transfer.download([remote[p] for p in wanted], root, config, prefix):
+        remote[staged.path] = staged.source  # what the GET returned: its version id, its sha256
     return Dataset(root, paths, remote)
 
 

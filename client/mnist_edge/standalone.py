@@ -134,10 +134,10 @@ def _train_in_job(net, shards: remote.Dataset, requested: TrainSettings, limits:
             result = distributed.train(net, mine, used, ranks, device, bar.update, bar.set_postfix)
         job["weights_sha256"] = distributed.check_same_weights(net, ranks)
         mine_files = distributed.part_of(shards.files, ranks).files
-        read = {str(p): o for p, o in shards.remote.items() if p in mine_files}
+        read = {p.name: o for p, o in shards.remote.items() if p in mine_files}
         parts = distributed.gather(ranks, read, "collecting the lineage")
-        everyone = {path: o for part in parts for path, o in part.items()}
-    shards.remote.update({Path(p): o for p, o in everyone.items()})
+        everyone = {name: o for part in parts for name, o in part.items()}
+    shards.remote.update({p: everyone[p.name] for p in shards.files if p.name in everyone})
     rows = job["ranks"][ranks.rank]
     echo(f"rank {ranks.rank} of {ranks.world_size}: trained on {rows['rows']} rows of {len(rows['files'])} "
          f"shard(s) (every {rows['stride']}. row from {rows['offset']}); weights sha256 {job['weights_sha256']}")
