@@ -21,15 +21,18 @@ raise (``edge.EdgeTasks``), so the message rules (no image bytes) are theirs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import __version__, data, edge
+from . import __version__, data, edge, files, hardware
+from .errors import UserError
+from .node import NodeConfig
 
 log = logging.getLogger("mnist_edge")
 
@@ -52,27 +55,41 @@ class DispatchedClient:
         return None
 
 
-def data_dir_from_env(environ: Mapping[str, str]) -> Path:
-    """``$SCALEOUT_DATA_DIR``, which must be absolute: the command runs in the package directory,
-    not where the operator started the client, so a relative path would name another place."""
+def node_from(environ: Mapping[str, str]) -> NodeConfig:
+    """The node, read from this command's environment (the client's, passed on). ``SCALEOUT_DATA_DIR``
+    must be absolute: the command runs in the package directory, not where the operator started
+    the client, so a relative path would name another place."""
     value = environ.get("SCALEOUT_DATA_DIR")
     if not value or not Path(value).is_absolute():
         raise data.DataError(
             f"SCALEOUT_DATA_DIR must be the absolute path of the node's data directory under "
             f"`scaleout client start --dispatcher` (its commands run in the package directory, not "
-            f"where the client was started), got {value!r}")
-    return Path(value)
+            f"where the client was started), got {value[:200] if value else value!r}")
+    node = NodeConfig.from_environment(environ, Path.cwd(), hardware.cpu_count())
+    hardware.configure_process(node.threads, environ)
+    return node
 
 
-def startup(data_dir: Path) -> None:
+def startup(node: NodeConfig) -> None:
     """Say which library and data directory the tasks will use; warn if there is nothing to train on."""
-    log.info("mnist_edge %s from %s; data directory %s", __version__, Path(__file__).parent, data_dir)
-    if not data.has_split(data_dir, "train"):
-        log.warning("%s has no train/ split yet: training tasks will fail until shards are there", data_dir)
+    log.info("mnist_edge %s from %s; data directory %s", __version__, Path(__file__).parent, node.data_dir)
+    if not data.has_split(node.data_dir, "train"):
+        log.warning("%s has no train/ split yet: training tasks will fail until shards are there", node.data_dir)
+
+
+@contextlib.contextmanager
+def computing(node: NodeConfig) -> Iterator[None]:
+    """The compute lock, unless the client that started this command holds it already (scaleout 1.1
+    takes it around the dispatched train and validate; 1.0.7 does not)."""
+    if node.compute_lock is None:
+        yield
+        return
+    with files.exclusive(node.compute_lock, holder_pids=files.flock_holders):
+        yield
 
 
 def tasks_for(environ: Mapping[str, str]) -> edge.EdgeTasks:
-    return edge.EdgeTasks(DispatchedClient(), data_dir_from_env(environ))
+    return edge.EdgeTasks(DispatchedClient(), node_from(environ))
 
 
 def train(environ: Mapping[str, str], inpath: Path, outpath: Path) -> None:
@@ -80,26 +97,26 @@ def train(environ: Mapping[str, str], inpath: Path, outpath: Path) -> None:
     try:
         tasks = tasks_for(environ)
         settings = json.loads(Path(f"{inpath}-metadata").read_text())
-        with edge.ScaleoutModel.from_file(str(inpath)) as global_model:
+        with computing(tasks.node), edge.ScaleoutModel.from_file(str(inpath)) as global_model:
             update, meta = tasks.train(global_model, settings)
         with update, update.get_training_model_stream() as npz:
             outpath.write_bytes(npz.read())
     except Exception as error:  # noqa: BLE001 (every refusal must reach the server, as in the importer)
         log.error("train refused: %s", error)
-        metadata_path.write_text(json.dumps({"num_examples": str(error)}))
+        metadata_path.write_text(json.dumps({"num_examples": str(error)[:1000]}))
         return
-    # The dispatcher forwards only this file: the rest of the importer's metadata goes inside it.
-    metadata_path.write_text(json.dumps({**meta.pop("training_metadata"), **meta}))
+    # The dispatcher forwards only this file, as the update's training_metadata: the one shape.
+    metadata_path.write_text(json.dumps(meta["training_metadata"]))
 
 
 def validate(environ: Mapping[str, str], inpath: Path, outpath: Path) -> None:
     try:
         tasks = tasks_for(environ)
-        with edge.ScaleoutModel.from_file(str(inpath)) as global_model:
+        with computing(tasks.node), edge.ScaleoutModel.from_file(str(inpath)) as global_model:
             metrics = tasks.validate(global_model)
     except Exception as error:  # noqa: BLE001
         log.error("validation failed: %s", error)
-        metrics = {"validation_error": str(error)}
+        metrics = {"validation_error": str(error)[:1000]}
     outpath.write_text(json.dumps(metrics))
 
 
@@ -115,8 +132,8 @@ def main(argv: list[str]) -> int:
         validate(os.environ, *paths)
     else:
         try:
-            startup(data_dir_from_env(os.environ))
-        except data.DataError as error:
+            startup(node_from(os.environ))
+        except UserError as error:
             log.error("%s", error)
             return 1
     return 0

@@ -8,18 +8,19 @@ This is the only module the learning code is adapted to the client in. It turns 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import scaleoututil.grpc.scaleout_pb2 as scaleout_msg
 from scaleout import ScaleoutModel
 
-from . import data, files, hardware, model, paths, privacy, report, training
+from . import data, files, hardware, model, paths, privacy, report, status, training
 from .container import params_from, to_scaleout_model
 from .node import NodeConfig, NodeConfigError
 from .settings import capped_batch_size, parse_settings
@@ -80,7 +81,8 @@ class EdgeTasks:
     def _log_metrics(self, metrics: training.Metrics) -> None:
         self.client.log_metric({k: float(v) for k, v in metrics.items()})
 
-    def train(self, scaleout_model: ScaleoutModel, client_settings: Mapping[str, Any] | None) -> tuple[ScaleoutModel, dict]:
+    def train(self, scaleout_model: ScaleoutModel,
+              client_settings: Mapping[str, Any] | None) -> tuple[ScaleoutModel, dict]:
         """One round of local training; raises (task FAILED) on bad settings, model or data."""
         node = self.node
         requested = parse_settings(client_settings)
@@ -190,6 +192,23 @@ class EdgeTasks:
         return summary
 
 
+    def node_status(self, parameters: Any = None) -> dict:
+        """The ``node_status`` command: counts, fingerprints, versions, precision, privacy budget.
+
+        A custom callback that raises is reported COMPLETED with no response (both client lines),
+        so a refusal is an answer too. The answer is returned (the task's response) and also sent
+        as the ``node_status`` attribute.
+        """
+        if parameters:
+            answer: dict[str, Any] = {"error": "node_status takes no parameters"}
+        elif isinstance(self._node, NodeConfigError):
+            answer = {"error": str(self._node)}  # names a node variable, never a file's content
+        else:
+            answer = status.node_status(self.node)
+        self.client.log_attributes(attribute_values({"node_status": answer}))
+        return answer
+
+
 def node_from_environment() -> NodeConfig | NodeConfigError:
     """The node as this process's environment describes it (the client's working directory is the base)."""
     try:
@@ -215,12 +234,28 @@ def register(client: Any, node: NodeConfig | None = None) -> EdgeTasks:
         tasks = EdgeTasks(client, found)
     else:
         tasks = EdgeTasks(client, node)
+    train, validate = tasks.train, tasks.validate
     if not isinstance(tasks._node, NodeConfigError):
         _check_data_dir(tasks.node)
-    client.set_train_callback(tasks.train)
-    client.set_validate_callback(tasks.validate)
+        lock = tasks.node.compute_lock
+        # scaleout 1.1 holds SCALEOUT_CLIENT_COMPUTE_LOCK around train and validate itself; 1.0.7 never
+        # reads it, so there the package takes the same flock (a second one in this process would deadlock).
+        if lock is not None and getattr(client, "_compute_lock", None) is None:
+            train, validate = holding(lock, train), holding(lock, validate)
+    client.set_train_callback(train)
+    client.set_validate_callback(validate)
     client.set_inference_callback(tasks.predict)
+    client.set_custom_callback("node_status", tasks.node_status)
     return tasks
+
+
+def holding(lock: Path, callback: Callable[..., Any]) -> Callable[..., Any]:
+    """``callback`` run while this process holds ``lock`` (the compute lock of N clients on one box)."""
+    @functools.wraps(callback)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with files.exclusive(lock):
+            return callback(*args, **kwargs)
+    return locked
 
 
 def _check_data_dir(node: NodeConfig) -> None:

@@ -20,7 +20,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -188,3 +188,49 @@ def sha256_file(path: Path) -> str:
     """sha256 of a whole file, read in 1 MiB blocks."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, holder_pids: Callable[[Path], set[int]] | None = None) -> Iterator[None]:
+    """Hold ``path``'s ``flock`` while the block runs: N processes sharing it compute one at a time.
+
+    The same lock scaleout 1.1's ``FileLock`` takes (an ``flock`` on the file), so clients of either
+    line exclude each other. A lock this process's parent (or its parent, ...) holds already covers
+    this process too (``holder_pids``: who holds it now; a child waiting for it would never get it).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if holder_pids is None or not holder_pids(path) & ancestors():
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def ancestors() -> set[int]:
+    """This process's parent, its parent, and so on (Linux: from /proc)."""
+    found, pid = set(), os.getppid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+                pid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return found
+
+
+def flock_holders(path: Path) -> set[int]:
+    """The processes holding an ``flock`` on ``path`` (Linux: /proc/locks), by the file's inode."""
+    try:
+        status = os.stat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return set()
+    inode = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    return {int(fields[4]) for fields in (line.split() for line in lines)
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode and fields[4].isdigit()}
