@@ -24,7 +24,7 @@ SEED_DIR ?= seed
 SEED   := $(SEED_DIR)/seed.npz
 DEMO   := demo
 
-.PHONY: venv demo test test-slow test-all lint docs test-client-1.1 seed package package-dispatcher bench mutate clean
+.PHONY: venv demo demo-clients test test-slow test-all lint docs test-client-1.1 seed package package-dispatcher bench mutate clean
 
 venv: $(VENV)/.installed
 
@@ -59,6 +59,12 @@ package-dispatcher: venv
 demo: seed
 	$(PY) -m mnist_edge prepare --source mnist5k --clients 3 --partition dirichlet --alpha 0.5 --seed 0 --out $(DEMO)/clients
 	$(PY) -m mnist_edge simulate --data $(DEMO)/clients --rounds 5 --init $(SEED) --out $(DEMO)/run
+
+# Three real `scaleout client start` processes on this box, started as launch_clients starts them
+# (CLIENT_NUMBER/TOTAL_N_CLIENTS, one working directory), against the loopback stand-in for the
+# server that the tests use (tests/combiner.py); one training round, images/s and memory reported.
+demo-clients: venv
+	$(PY) bench/many_clients.py --clients 3 --images-per-client 1000 --rounds 1 --modes budget --threads-env ''
 
 # The fast tier (unit and in-process tests, a few minutes): what to run while changing code.
 test: venv

@@ -194,7 +194,7 @@ def train_round(combiner: TestCombiner, ids: list[str], model_id: str, number: i
     metas = [json.loads(u.meta) for u in updates.values()]
     trained = sum(m["training_metadata"]["num_examples"] for m in metas)
     return {"images": trained, "wall": wall, "rate": trained / wall, "callbacks": [m["processing_time"] for m in metas],
-            "fingerprints": len({m.get("data_fingerprint") for m in metas}), "load": load()}
+            "fingerprints": len({m["training_metadata"].get("data_fingerprint") for m in metas}), "load": load()}
 
 
 def run_mode(mode: str, args: argparse.Namespace, root: Path, data_dirs: list[Path], report: Report) -> dict | None:
