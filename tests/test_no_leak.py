@@ -107,21 +107,25 @@ def test_no_message_to_the_server_quotes_an_image_or_a_data_row(tmp_path, mnist5
 
 
 def test_messages_still_name_file_line_and_column(tmp_path, mnist5k):
-    """Saying less about the data must not mean saying less about where the problem is."""
+    """Saying less about the data must not mean saying less about where the problem is; the command
+    line (``local_message``) still says what is wrong with a header."""
     images, labels = mnist5k
     shards = corpus(images, labels)
-    for name, expected in [("headerless", ":1: missing required column 'image_id' (line 1 looks like a data row"),
-                           ("open-quote", ":2: start_datetime: malformed CSV quoting"),
-                           ("swapped-label-image", ":2: label of 1048 characters is not an integer 0-9"),
-                           ("non-utf8-image", ":2: not UTF-8 text (byte 0xe9 at column"),
-                           ("duplicate-label", ":1: column 'label' appears 2 times (columns 2, 4), expected once"),
-                           ("blank-header", ":1: blank line, expected a header row")]:
+    not_a_shard = ":1: not a CSV shard: expected line 1 to be a header naming image_id, label, image (each once)"
+    for name, expected, local in [
+            ("headerless", not_a_shard, ":1: missing required column 'image_id' (line 1 looks like a data row"),
+            ("open-quote", ":2: start_datetime: malformed CSV quoting", None),
+            ("swapped-label-image", ":2: label of 1048 characters is not an integer 0-9", None),
+            ("non-utf8-image", ":2: not UTF-8 text (at byte 1053 of the line)", None),
+            ("duplicate-label", not_a_shard, ":1: column 'label' appears 2 times (columns 2, 4), expected once"),
+            ("blank-header", not_a_shard, ":1: blank line, expected a header row")]:
         path = write_lines(tmp_path / f"{name}.csv", shards[name])
         try:
             shard = data.read_shard(path)
             text = " ".join(str(b) for b in shard.bad_rows)
         except data.DataError as error:
             text = str(error)
+            assert local is None or f"{path}{local}" in error.local_message, (name, error.local_message)
         assert f"{path}{expected}" in text, (name, text)
     bad = data.read_shard(tmp_path / "open-quote.csv").bad_rows[0]
     assert (bad.line, bad.column) == (2, "start_datetime")
