@@ -64,7 +64,8 @@ def test_output_outside_the_data_dir_fails_naming_the_parameter(hostile_node, se
 @pytest.mark.parametrize("target, message", [
     ("train/shard-000.csv", "starts with 'train', a name the node's train/test/predict splits use"),
     ("test/shard-000.csv", "starts with 'test', a name"), ("predict/p.csv", "starts with 'predict', a name"),
-    ("train/new.csv", "starts with 'train', a name"), ("./predict/../train/shard-000.csv", "the name '..' is not allowed"),
+    ("train/new.csv", "starts with 'train', a name"),
+    ("./predict/../train/shard-000.csv", "the name '..' is not allowed"),
 ])
 def test_output_never_replaces_or_joins_an_input_split(hostile_node, seed, target, message):
     before = snapshot(hostile_node.data_dir)
