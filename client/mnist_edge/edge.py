@@ -236,7 +236,7 @@ def register(client: Any, node: NodeConfig | None = None) -> EdgeTasks:
 def _check_data_dir(node: NodeConfig) -> None:
     """Say at start what will make every task fail, and clear what a crashed writer left."""
     predictions = node.data_dir / "predictions"
-    if predictions.is_dir() and files.remove_stale_partials(predictions):
+    if predictions.is_dir() and not predictions.is_symlink() and files.remove_stale_partials(predictions):
         log.warning("removed unfinished prediction files an earlier crash left in %s", predictions)
     try:
         has_train = data.has_split(node.data_dir, "train")
