@@ -177,7 +177,7 @@ def test_unusable_files_fail_naming_the_path(tmp_path, content, message):
     path.write_bytes(content)
     with pytest.raises(DataError) as error:
         data.load_dataset(path)
-    assert str(path) in str(error.value) and message in str(error.value)
+    assert str(path) in str(error.value) and message in (error.value.local_message or str(error.value))
 
 
 def test_missing_and_empty_locations_fail_naming_the_path(tmp_path):

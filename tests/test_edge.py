@@ -219,7 +219,7 @@ def test_validate_with_a_broken_test_split_still_reports(started, seed_path, nod
     metrics = call(client, client.validate_callback, seed_model(seed_path))
     assert metrics["num_test_examples"] == 0 and metrics["num_train_examples"] == 1000
     assert metrics["test_accuracy"] == metrics["training_accuracy"]
-    assert "missing required column 'image'" in runtime.attributes[-1]["validation_error"]
+    assert "shard-000.csv:1: not a CSV shard" in runtime.attributes[-1]["validation_error"]
 
 
 def test_bad_rows_are_counted_in_the_train_result(started, seed_path, node_dir):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from hostile import node, scaleout_model, seed_params, with_id
-from mnist_edge import data, files
+from mnist_edge import data, edge, files
 from mnist_edge.errors import UserError
 from mnist_edge.files import TargetError
 from mnist_edge.paths import PathError
@@ -61,11 +61,15 @@ def test_output_outside_the_data_dir_fails_naming_the_parameter(hostile_node, se
     assert snapshot(hostile_node.data_dir) == before
 
 
-@pytest.mark.parametrize("target", ["train/shard-000.csv", "test/shard-000.csv", "predict/p.csv",
-                                    "train/new.csv", "./predict/../train/shard-000.csv"])
-def test_output_never_replaces_or_joins_an_input_split(hostile_node, seed, target):
+@pytest.mark.parametrize("target, message", [
+    ("train/shard-000.csv", "starts with 'train', a name the node's train/test/predict splits use"),
+    ("test/shard-000.csv", "starts with 'test', a name"), ("predict/p.csv", "starts with 'predict', a name"),
+    ("train/new.csv", "starts with 'train', a name"),
+    ("./predict/../train/shard-000.csv", "the name '..' is not allowed"),
+])
+def test_output_never_replaces_or_joins_an_input_split(hostile_node, seed, target, message):
     before = snapshot(hostile_node.data_dir)
-    with pytest.raises(PathError, match="parameter 'output' .* would replace input data"):
+    with pytest.raises(PathError, match=f"parameter 'output' .*{message}"):
         hostile_node.run("predict", seed, {"output": target})
     assert snapshot(hostile_node.data_dir) == before
 
@@ -93,7 +97,7 @@ def test_output_that_is_a_fifo_is_refused_not_blocked_on(hostile_node, seed):
 def test_a_model_id_cannot_steer_the_default_output(hostile_node, seed, tmp_path, model_id):
     model_id = str(tmp_path / "evil") if model_id == "ABSOLUTE" else model_id
     before = snapshot(tmp_path)
-    with pytest.raises(PathError, match="model id .* cannot name a file"):
+    with pytest.raises(edge.ModelIdError, match="model id .* is not one this node accepts"):
         hostile_node.run("predict", with_id(seed, model_id), {})
     assert snapshot(tmp_path) == before
 

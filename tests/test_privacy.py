@@ -189,11 +189,11 @@ def test_the_default_delta_and_no_budget(tmp_path):
 
 
 @pytest.mark.parametrize("raw,message", [
-    ({"dp_noise_multiplier": 0}, "setting 'dp_noise_multiplier' must be a number > 0, got 0"),
-    ({"dp_noise_multiplier": "1"}, "setting 'dp_noise_multiplier' must be a number > 0, got '1'"),
-    ({"dp_noise_multiplier": True}, "setting 'dp_noise_multiplier' must be a number > 0, got True"),
-    ({"dp_max_grad_norm": -1.0}, "setting 'dp_max_grad_norm' must be a number > 0, got -1.0"),
-    ({"dp_max_grad_norm": float("inf")}, "setting 'dp_max_grad_norm' must be a number > 0, got inf"),
+    ({"dp_noise_multiplier": 0}, "setting 'dp_noise_multiplier' must be a number from 1e-06 to 100, got 0"),
+    ({"dp_noise_multiplier": "1"}, "setting 'dp_noise_multiplier' must be a number from 1e-06 to 100, got '1'"),
+    ({"dp_noise_multiplier": True}, "setting 'dp_noise_multiplier' must be a number from 1e-06 to 100, got True"),
+    ({"dp_max_grad_norm": -1.0}, "setting 'dp_max_grad_norm' must be a number from 1e-06 to 100, got -1.0"),
+    ({"dp_max_grad_norm": float("inf")}, "setting 'dp_max_grad_norm' must be a number from 1e-06 to 100, got inf"),
     ({"dp_epsilon": float("nan")}, "setting 'dp_epsilon' must be a number > 0 and <= 100, got nan"),
     ({"dp_epsilon": 101}, "setting 'dp_epsilon' must be a number > 0 and <= 100, got 101"),
     ({"dp_sigma": 1.0}, "unknown setting 'dp_sigma'"),

@@ -43,12 +43,14 @@ def test_invalid_settings_name_the_key_and_accepted_values(raw, message):
 
 def test_the_limits_themselves_are_accepted():
     s = parse_settings({"epochs": 1000, "batch_size": 1024, "learning_rate": 1000, "seed": 2**63 - 1,
-                        "dp_epsilon": 100, "dp_noise_multiplier": 1e300, "dp_max_grad_norm": 5})
+                        "dp_epsilon": 100, "dp_noise_multiplier": 100, "dp_max_grad_norm": 100})
     assert (s.epochs, s.batch_size, s.learning_rate, s.seed) == (1000, 1024, 1000.0, 2**63 - 1)
-    assert (s.dp_epsilon, s.dp_noise_multiplier, s.dp_max_grad_norm) == (100.0, 1e300, 5.0)
+    assert (s.dp_epsilon, s.dp_noise_multiplier, s.dp_max_grad_norm) == (100.0, 100.0, 100.0)
     assert all(type(v) is float for v in (s.dp_epsilon, s.dp_noise_multiplier, s.dp_max_grad_norm))
-    low = parse_settings({"epochs": 1, "batch_size": 1, "learning_rate": 1e-300, "seed": 0})
+    low = parse_settings({"epochs": 1, "batch_size": 1, "learning_rate": 1e-300, "seed": 0,
+                          "dp_noise_multiplier": 1e-6, "dp_max_grad_norm": 1e-6})
     assert (low.epochs, low.batch_size, low.learning_rate, low.seed) == (1, 1, 1e-300, 0)
+    assert (low.dp_noise_multiplier, low.dp_max_grad_norm) == (1e-6, 1e-6)
 
 
 @pytest.mark.parametrize("key, value", [
@@ -56,14 +58,16 @@ def test_the_limits_themselves_are_accepted():
     ("learning_rate", float("inf")), ("dp_epsilon", 100.5), ("dp_epsilon", float("inf")),
     ("dp_noise_multiplier", float("inf")), ("dp_noise_multiplier", 0), ("dp_max_grad_norm", float("inf")),
     ("dp_max_grad_norm", float("nan")), ("dp_max_grad_norm", "1"), ("epochs", None), ("learning_rate", None),
+    ("dp_noise_multiplier", 100.0001), ("dp_noise_multiplier", 0.99e-6), ("dp_max_grad_norm", 100.0001),
+    ("dp_max_grad_norm", 0.99e-6),
 ])
 def test_one_past_a_limit_is_refused(key, value):
     """``learning_rate: inf`` is refused by the upper bound (there is no other inf check), as is
     every ``dp_*`` inf (bounded by the largest float).
 
     Mutations: drop ``<= limit`` (inf and 1000.0001 accepted), ``<=`` made ``<`` for any bound
-    (the limits test above fails), or ``.get(key, _FLOAT_MAX)`` losing its default (dp inf accepted
-    or a TypeError instead of a SettingsError).
+    (the limits test above fails), or a ``dp_*`` range's low end dropped (1e-200 would reach the
+    accountant and divide by zero there).
     """
     with pytest.raises(SettingsError, match=f"^setting '{key}' must be "):
         parse_settings({key: value})

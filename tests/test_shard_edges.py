@@ -106,21 +106,23 @@ def test_a_line_of_exactly_the_limit_is_a_row_and_one_byte_more_is_not(tmp_path,
 def test_a_required_column_twice_is_refused(tmp_path, mnist5k):
     images, labels = mnist5k
     path = write_lines(tmp_path / "s.csv", ["image_id,label,image,label", f"1,3,{b64_raw(images[0])},5"])
-    with pytest.raises(DataError, match=r"s.csv:1: column 'label' appears 2 times \(columns 2, 4\), expected once"):
+    with pytest.raises(DataError, match=r"s.csv:1: not a CSV shard") as error:
         data.read_shard(path)
+    assert error.value.local_message.endswith("s.csv:1: column 'label' appears 2 times (columns 2, 4), expected once")
 
 
 @pytest.mark.parametrize("content,message", [
     (b"\nimage_id,label,image\n", ":1: blank line, expected a header row with image_id, label, image"),
-    (b"image_id,label,image\n1,2,caf\xe9\n", ":2: not UTF-8 text (byte 0xe9 at column 8 of the line)"),
-    (b"image_id,label,image\n" + b"1,2,x\n" * 3000 + b"1,2,\xff\n", ":3002: not UTF-8 text (byte 0xff at column 5"),
+    (b"image_id,label,image\n1,2,caf\xe9\n", ":2: not UTF-8 text (at byte 8 of the line)"),
+    (b"image_id,label,image\n" + b"1,2,x\n" * 3000 + b"1,2,\xff\n", ":3002: not UTF-8 text (at byte 5 of the line)"),
 ])
 def test_unusable_files_say_where(tmp_path, content, message):
+    """Where, not what: the line and byte, never the byte's value (it may be part of an image)."""
     path = tmp_path / "s.csv"
     path.write_bytes(content)
     with pytest.raises(DataError) as error:
         data.read_shard(path)
-    assert f"{path}{message}" in str(error.value)
+    assert f"{path}{message}" in (error.value.local_message or str(error.value))
 
 
 @pytest.mark.parametrize("kind", ["dangling", "loop", "fifo", "directory"])

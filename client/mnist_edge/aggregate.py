@@ -3,12 +3,16 @@
 A data platform hands the module a directory of model directories (``mnist.pth`` plus
 ``mnist.xdata-meta.json`` each, as ``train`` writes them). The average is weighted by each
 meta's ``num_examples``, so every member is checked before anything is averaged: its kind,
-its example count and its parameters' shapes. The output meta names its parents so the
-aggregated model can be traced back to the exact models and data it came from.
+its example count (1 to ``meta.MAX_NUM_EXAMPLES``) and its parameters' shapes. A member,
+its meta or its model that is a symbolic link is refused: the set is what the directory holds.
+The output model and meta are checked before any work and each written atomically. The output
+meta names its parents so the aggregated model can be traced back to the exact models and data
+it came from.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -63,6 +67,7 @@ def check_member(directory: Path) -> Member:
         raise ModelSetError(f"{directory}: expected one *{meta.SUFFIX} beside the model, "
                             f"found {[m.name for m in metas][:5]}")
     meta_file = metas[0]
+    _refuse_link(meta_file)
     record = meta.read(meta_file)
     if record.get("model_kind") != meta.MODEL_KIND:
         raise ModelSetError(f"{meta_file}: 'model_kind' must be {meta.shown(meta.MODEL_KIND)}, "
@@ -74,12 +79,21 @@ def check_member(directory: Path) -> Member:
         raise ModelSetError(f"{meta_file}: 'model_file' must be a file name inside {directory}, "
                             f"got {meta.shown(model_file)}")
     path = directory / model_file
+    _refuse_link(path)
     if not path.is_file():
         raise ModelSetError(f"{path}: no such model file (named by {meta_file.name})")
+    if path.stat().st_size > model.MAX_MODEL_BYTES:
+        raise ModelSetError(f"{path}: {path.stat().st_size:,} bytes, more than a model of this CNN can be "
+                            f"({model.MAX_MODEL_BYTES:,})")
     fingerprint = record.get("data_fingerprint")
     return Member(directory, path, num_examples, meta.round_of(record, meta_file),
                   fingerprint if isinstance(fingerprint, str) and len(fingerprint) <= 64 else None,
                   files.sha256_file(path))
+
+
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise ModelSetError(f"{path}: is a symbolic link; a member's meta and model must be files in its directory")
 
 
 def find_members(model_set: Path) -> list[Path]:
@@ -87,6 +101,10 @@ def find_members(model_set: Path) -> list[Path]:
     if not model_set.is_dir():
         raise ModelSetError(f"{model_set}: no such model_set directory")
     entries = sorted(p for p in model_set.iterdir() if not p.name.startswith("."))
+    linked = [p.name for p in entries if p.is_symlink()]
+    if linked:
+        raise ModelSetError(f"{model_set}: member {meta.shown(linked[0])} is a symbolic link; a model_set holds "
+                            "its models itself (a link could lead anywhere outside it)")
     stray = [p.name for p in entries if not p.is_dir()]
     if stray:
         hint = " (that is one model, not a model_set)" if any(s.endswith(meta.SUFFIX) for s in stray) else ""
@@ -106,6 +124,7 @@ def aggregate(model_set: str | Path, out: str | Path,
             files.check_target(path)
         members = [check_member(p) for p in find_members(remote.model_set(str(model_set), Path(staging), store))]
         params = fedavg((model.load_model_file(m.model_file), m.num_examples) for m in members)
+        existed = os.path.lexists(target)
         model.save_pth(params, target)
         record = {
             "model_kind": meta.MODEL_KIND,
@@ -121,5 +140,10 @@ def aggregate(model_set: str | Path, out: str | Path,
         }
         if is_s3_url(str(out)):
             return remote.publish(target, record, str(out), DEFAULT_MODEL_NAME, store), record
-        meta.write(meta.meta_path(target), record)
+        try:
+            meta.write(meta.meta_path(target), record)
+        except BaseException:
+            if not existed:  # no model without its meta (an older model, once replaced, cannot come back)
+                target.unlink(missing_ok=True)
+            raise
     return target, record

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UserError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {getattr(error, 'local_message', None) or error}", file=sys.stderr)
         return 2
 
 

@@ -293,13 +293,13 @@ def write_shard(
     return atomic_write(Path(path), rows)
 
 
+def prediction_rows(handle: IO, image_ids: np.ndarray, predicted: np.ndarray, confidence: np.ndarray) -> None:
+    """The prediction-result schema: ``image_id,label,confidence`` (label = predicted digit), into ``handle``."""
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow(["image_id", "label", "confidence"])
+    writer.writerows(zip(image_ids.tolist(), predicted.tolist(), np.round(confidence.astype(np.float64), 6).tolist()))
+
+
 def write_predictions(path: Path, image_ids: np.ndarray, predicted: np.ndarray, confidence: np.ndarray) -> Path:
-    """The prediction-result schema: ``image_id,label,confidence`` (label = predicted digit), atomically."""
-
-    def rows(handle: IO) -> None:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["image_id", "label", "confidence"])
-        writer.writerows(zip(image_ids.tolist(), predicted.tolist(),
-                             np.round(confidence.astype(np.float64), 6).tolist()))
-
-    return atomic_write(Path(path), rows)
+    """:func:`prediction_rows` into ``path``, atomically."""
+    return atomic_write(Path(path), lambda handle: prediction_rows(handle, image_ids, predicted, confidence))

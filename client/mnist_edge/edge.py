@@ -20,8 +20,9 @@ from typing import Any
 import scaleoututil.grpc.scaleout_pb2 as scaleout_msg
 from scaleout import ScaleoutModel
 
-from . import data, files, hardware, model, paths, privacy, report, status, training
+from . import data, files, hardware, model, outputs, paths, privacy, report, status, training
 from .container import params_from, to_scaleout_model
+from .errors import UserError
 from .node import NodeConfig, NodeConfigError
 from .settings import capped_batch_size, parse_settings
 
@@ -36,6 +37,22 @@ ATTRIBUTE_RECORDS = hasattr(scaleout_msg, "AttributeRecord")
 
 class PredictParameterError(paths.PathError):
     """An inference task's parameters are not understood."""
+
+
+class ModelIdError(UserError, ValueError):
+    """The server's model id is not a plain name: it would reach the ledger, metadata and file names."""
+
+
+def model_id_of(scaleout_model: ScaleoutModel) -> str:
+    """The model's id, if it is a plain name of :data:`paths.MAX_NAME_CHARS` at most (a Scaleout id is
+    a UUID); checked before a task uses it, so no id reaches the ledger, a message or a path unbounded."""
+    model_id = scaleout_model.model_id
+    try:
+        return paths.file_name(model_id, "model id")
+    except paths.PathError:
+        shown = paths.describe(model_id) if isinstance(model_id, str) else type(model_id).__name__
+        raise ModelIdError(f"model id {shown} is not one this node accepts: expected {paths.FILE_NAME_RULE} "
+                           "(a Scaleout model id is a UUID)") from None
 
 
 def configure_logging() -> None:
@@ -75,8 +92,11 @@ class EdgeTasks:
             raise self._node
         return self._node
 
-    def _load_model(self, scaleout_model: ScaleoutModel) -> None:
-        model.set_parameters(self.net, params_from(scaleout_model), f"model {scaleout_model.model_id}")
+    def _load_model(self, scaleout_model: ScaleoutModel) -> str:
+        """Load the server's model into the CNN; returns its (checked) id."""
+        model_id = model_id_of(scaleout_model)
+        model.set_parameters(self.net, params_from(scaleout_model), f"model {model_id}")
+        return model_id
 
     def _log_metrics(self, metrics: training.Metrics) -> None:
         self.client.log_metric({k: float(v) for k, v in metrics.items()})
@@ -85,8 +105,9 @@ class EdgeTasks:
               client_settings: Mapping[str, Any] | None) -> tuple[ScaleoutModel, dict]:
         """One round of local training; raises (task FAILED) on bad settings, model or data."""
         node = self.node
+        model_id_of(scaleout_model)
         requested = parse_settings(client_settings)
-        self._load_model(scaleout_model)
+        model_id = self._load_model(scaleout_model)
         dataset = data.load_split(node.data_dir, "train")
         settings = capped_batch_size(requested, len(dataset))
         hooks = {"on_batch": self.client.check_task_abort, "on_metrics": self._log_metrics, "device": self.device}
@@ -97,7 +118,7 @@ class EdgeTasks:
         else:
             result, dp_metadata = privacy.train_round(
                 self.net, dataset.images, dataset.labels, settings, plan, node.privacy,
-                model_id=scaleout_model.model_id, data_fingerprint=dataset.fingerprint, **hooks)
+                model_id=model_id, data_fingerprint=dataset.fingerprint, **hooks)
         metadata = report.training_metadata(result, settings, requested, dataset, dp_metadata)
         log.info("trained %d images for %d epoch(s): loss %.4f, accuracy %.4f",
                  result.num_examples, settings.epochs, result.training_loss, result.training_accuracy)
@@ -114,7 +135,7 @@ class EdgeTasks:
             node = self.node
             self._load_model(scaleout_model)
             train_set = data.load_split(node.data_dir, "train")
-        except (NodeConfigError, model.ModelFileError, data.DataError) as error:
+        except (NodeConfigError, ModelIdError, model.ModelFileError, data.DataError) as error:
             self.client.log_attributes(attribute_values({"validation_error": str(error)}))
             raise
         check = self.client.check_task_abort
@@ -141,23 +162,11 @@ class EdgeTasks:
         return report.json_safe(metrics)
 
     def _predict_location(self, params: Mapping[str, Any]) -> Path:
-        """``data``: a split name, or a shard or directory inside the data directory."""
+        """``data``: a split name, or a shard or directory inside the data directory (no hidden name)."""
         choice = params.get("data", "predict")
         if choice in data.SPLITS:
             return data.split_location(self.node.data_dir, choice)
         return paths.inside_data_dir(self.node.data_dir, choice, "data")
-
-    def _predict_output(self, params: Mapping[str, Any], model_id: str) -> Path:
-        """``output`` inside the data directory, or ``predictions/<model id>.csv``; never an input shard."""
-        data_dir = self.node.data_dir
-        if params.get("output") is not None:
-            output = paths.inside_data_dir(data_dir, params["output"], "output")
-        else:
-            name = paths.file_name(model_id, "model id")
-            output = paths.inside_data_dir(data_dir, f"predictions/{name}.csv", "model id")
-        inputs = [data.split_location(data_dir, split) for split in data.SPLITS]
-        paths.refuse_inputs(output, inputs, "parameter 'output'")
-        return output
 
     def predict(self, scaleout_model: ScaleoutModel, params: Mapping[str, Any] | None) -> dict:
         """Predict every row of the predict shards into ``image_id,label,confidence`` CSV."""
@@ -169,16 +178,17 @@ class EdgeTasks:
             raise PredictParameterError(
                 f"unknown inference parameter {unknown[0][:40]!r}; accepted: {', '.join(PREDICT_PARAMETERS)}"
             )
+        model_id = model_id_of(scaleout_model)
         location = self._predict_location(params)
-        output = self._predict_output(params, scaleout_model.model_id)
+        output = outputs.choose(self.node.data_dir, params.get("output"), model_id, location)
         self._load_model(scaleout_model)
         dataset = data.load_dataset(location, labels_required=False)
         predicted, confidence = training.predict(self.net, dataset.images, self.device, self.client.check_task_abort)
-        data.write_predictions(output, dataset.image_ids, predicted, confidence)
+        outputs.write(output, lambda handle: data.prediction_rows(handle, dataset.image_ids, predicted, confidence))
         summary: dict[str, Any] = {
-            "model_id": scaleout_model.model_id,
+            "model_id": model_id,
             "count": len(predicted),
-            "output": str(output),
+            "output": str(output.path),
             "rows_skipped": dataset.rows_skipped,
         }
         labelled = dataset.labels != data.NO_LABEL
@@ -188,7 +198,7 @@ class EdgeTasks:
         summary = report.json_safe(summary)
         # The client drops the callback's return value: attributes are what reaches the server.
         self.client.log_attributes(attribute_values({f"prediction_{k}": v for k, v in summary.items()}))
-        log.info("predicted %d images into %s", len(predicted), output)
+        log.info("predicted %d images into %s", len(predicted), output.path)
         return summary
 
 
@@ -261,7 +271,7 @@ def holding(lock: Path, callback: Callable[..., Any]) -> Callable[..., Any]:
 def _check_data_dir(node: NodeConfig) -> None:
     """Say at start what will make every task fail, and clear what a crashed writer left."""
     predictions = node.data_dir / "predictions"
-    if predictions.is_dir() and files.remove_stale_partials(predictions):
+    if predictions.is_dir() and not predictions.is_symlink() and files.remove_stale_partials(predictions):
         log.warning("removed unfinished prediction files an earlier crash left in %s", predictions)
     try:
         has_train = data.has_split(node.data_dir, "train")

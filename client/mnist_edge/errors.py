@@ -8,3 +8,7 @@ is a bug and keeps its traceback.
 
 class UserError(Exception):
     """Bad input (a file, a setting, a path, a node variable): the message says which and what was expected."""
+
+    local_message: str | None = None
+    """A fuller message for the person at this machine (the command line prints it instead); never
+    sent to a server: it may quote a file the node holds (see :class:`mnist_edge.shards.HeaderError`)."""

@@ -12,6 +12,7 @@ so a link swapped in between a check and the write cannot carry it elsewhere.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import fnmatch
 import glob
@@ -52,6 +53,11 @@ def check_target(path: Path) -> None:
         return
     except OSError as error:
         raise OutputError.of(path, error) from error
+    check_kind(path, mode)
+
+
+def check_kind(path: Path, mode: int) -> None:
+    """:func:`check_target` for an ``lstat`` mode already taken (of an existing ``path``)."""
     if stat.S_ISDIR(mode):
         raise TargetError(f"{path}: is a directory, expected a file path to write")
     if stat.S_ISLNK(mode):
@@ -100,14 +106,44 @@ def atomic_write(path: Path, write: Callable[[IO], None], mode: str = "w", insid
     except OSError as error:
         raise OutputError.of(path, error) from error
     try:
-        remove_stale_partials(directory, path.name)
-        _write_and_rename(directory, path, write, mode)
+        write_in(directory, path, write, mode)
     finally:
         os.close(directory)
     return path
 
 
-def _write_and_rename(directory: int, path: Path, write: Callable[[IO], None], mode: str) -> None:
+def write_in(directory: int, path: Path, write: Callable[[IO], None], mode: str = "w", replace: bool = True) -> None:
+    """:func:`atomic_write` of ``path.name`` in an open ``directory`` (a descriptor the caller walked to).
+
+    With ``replace=False`` the file is linked into place, which fails if the name exists by then
+    (:class:`TargetError`): a file that appeared while this one was written is never replaced. The
+    final name is never followed either way: a rename or link replaces a symbolic link, not its target.
+    """
+    remove_stale_partials(directory, path.name)
+    _write_and_rename(directory, path, write, mode, replace)
+
+
+def _put_in_place(directory: int, temporary: str, path: Path, replace: bool) -> None:
+    if replace:
+        os.replace(temporary, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+        return
+    try:
+        os.link(temporary, path.name, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=False)
+    except FileExistsError:
+        raise TargetError(f"{path}: appeared while it was being written; refusing to replace it") from None
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+        try:  # a filesystem without hard links: the name is checked, then renamed over (a short race)
+            os.stat(path.name, dir_fd=directory, follow_symlinks=False)
+        except FileNotFoundError:
+            os.replace(temporary, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+            return
+        raise TargetError(f"{path}: appeared while it was being written; refusing to replace it") from None
+    os.unlink(temporary, dir_fd=directory)
+
+
+def _write_and_rename(directory: int, path: Path, write: Callable[[IO], None], mode: str, replace: bool) -> None:
     temporary = f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
@@ -121,7 +157,7 @@ def _write_and_rename(directory: int, path: Path, write: Callable[[IO], None], m
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-            os.replace(temporary, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+            _put_in_place(directory, temporary, path, replace)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary, dir_fd=directory)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import npz
+from . import npz, pickles
 from .errors import UserError
 from .files import atomic_write
 from .net import Net
@@ -218,7 +218,7 @@ def state_dict_to_parameters(state: object, source: str = "state_dict") -> list[
         kind = type(state).__name__
         raise ModelFileError(f"{source}: expected a state_dict (a dict of tensors), got {kind}")
     missing = [name for name in _SHAPES if name not in state]
-    unexpected = [str(name) for name in state if name not in _SHAPES]
+    unexpected = [pickles.short(name) for name in state if name not in _SHAPES]
     if missing or unexpected:
         raise ModelFileError(
             f"{source}: state_dict does not match the MNIST CNN"
@@ -249,15 +249,22 @@ def save_pth(params: list[np.ndarray], path: str | Path) -> Path:
 
 
 def load_pth(path: str | Path) -> list[np.ndarray]:
-    """Read a ``.pth`` state_dict with ``weights_only=True`` (no code runs) and check it."""
+    """Read a ``.pth`` state_dict with ``weights_only=True`` (no code runs) and check it.
+
+    The pickles are scanned first: a shape that would crash the unpickler (not just fail) is refused.
+    """
     import pickle  # for its exception type only: torch's restricted unpickler does the reading
 
     path = Path(path)
     if model_file_kind(path) != "pth":
         raise ModelFileError(f"{path}: is a numpy .npz parameter file, expected a PyTorch .pth state_dict")
     try:
+        pickles.check_zip(path)
+    except pickles.PickleShapeError as error:
+        raise ModelFileError(str(error)) from None
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as error:
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError, RecursionError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelFileError(
             f"{path}: not a state_dict that loads with weights_only=True ({first_line})"

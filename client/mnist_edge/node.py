@@ -29,6 +29,8 @@ DIST_TIMEOUT = "MNIST_EDGE_DIST_TIMEOUT"
 S3_LIMITS = ("MNIST_EDGE_S3_MAX_OBJECTS", "MNIST_EDGE_S3_MAX_BYTES")  # read by storage.S3Config
 KNOWN = (THREADS, DP_EPSILON, DP_DELTA, DP_ROUNDS, DP_LEDGER, DIST_TIMEOUT, *S3_LIMITS)
 """Every ``MNIST_EDGE_*`` variable there is; any other name with that prefix is refused."""
+REMOVED = {"MNIST_EDGE_BATCH_PARTS": "training no longer splits a batch into parts"}
+"""Variables older versions read, and why they went: a node still setting one is told to unset it."""
 
 DEFAULT_DATA_DIR = "data"
 DEFAULT_DELTA = 1e-5
@@ -125,8 +127,12 @@ def privacy_from(environ: Mapping[str, str], data_dir: Path | None, cwd: Path) -
     no ledger unless the operator names one: a DP run there is refused.
     """
     unknown = sorted(name for name in environ if name.startswith("MNIST_EDGE_") and name not in KNOWN)
+    removed = [name for name in unknown if name in REMOVED]
+    if removed:
+        raise NodeConfigError(f"node variable {removed[0]} is no longer read ({REMOVED[removed[0]]}); "
+                              "unset it")
     if unknown:
-        raise NodeConfigError(f"unknown node variable {unknown[0][:60]}; known: {', '.join(KNOWN)}")
+        raise NodeConfigError(f"unknown node variable {_shown(unknown[0])} (a typo?); known: {', '.join(KNOWN)}")
     ledger = _text(environ, DP_LEDGER, None)
     return PrivacyLimits(
         epsilon=_number(environ, DP_EPSILON, f"a number > 0 and <= {MAX_EPSILON:g}",

@@ -14,6 +14,8 @@ The training itself is :mod:`mnist_edge.dpsgd`.
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 
 import numpy as np
 import torch
@@ -30,6 +32,8 @@ from .settings import TrainSettings
 log = logging.getLogger("mnist_edge")
 DEFAULT_NOISE_MULTIPLIER = 1.0
 DEFAULT_MAX_GRAD_NORM = 1.0
+MAX_NOISE = 10_000.0
+"""Largest σ·C a round may add (the settings' largest σ times their largest C): noise finite in float32."""
 
 
 def steps_per_epoch(n: int, sample_rate: float) -> int:
@@ -57,8 +61,30 @@ def plan_round(settings: TrainSettings, n: int, budget: PrivacyLimits) -> RoundP
                                f"{budget.delta:g} with {steps} steps at sample rate {sample_rate:.4g}: "
                                "ask for a larger epsilon") from None
         sigma = max(sigma or 0.0, target)
-    return RoundPlan(sigma or DEFAULT_NOISE_MULTIPLIER, settings.dp_max_grad_norm or DEFAULT_MAX_GRAD_NORM,
+    plan = RoundPlan(sigma or DEFAULT_NOISE_MULTIPLIER, settings.dp_max_grad_norm or DEFAULT_MAX_GRAD_NORM,
                      sample_rate, steps, budget.delta, min(settings.batch_size, n))
+    _check_accountable(plan, "dp_epsilon" if settings.dp_epsilon is not None else "dp_noise_multiplier")
+    return plan
+
+
+def _check_accountable(plan: RoundPlan, source: str) -> None:
+    """PrivacyError, before anything is charged, unless the accountant gives this round a finite ε
+    and a step's noise σ·C is finite and at most :data:`MAX_NOISE`; ``source`` is the setting σ came from."""
+    noise = plan.noise_multiplier * plan.max_grad_norm
+    try:
+        with warnings.catch_warnings():  # "optimal order is the smallest/largest alpha": a looser ε, still a bound
+            warnings.simplefilter("ignore", UserWarning)
+            eps = ledger.epsilon(ledger.round_rdp(plan.noise_multiplier, plan.sample_rate, plan.steps), plan.delta)
+    except (ArithmeticError, ValueError):
+        eps = math.nan
+    given = f"noise multiplier {plan.noise_multiplier:.4g} (from setting {source!r}) with 'dp_max_grad_norm' " \
+            f"{plan.max_grad_norm:.4g}"
+    if not math.isfinite(eps):
+        raise PrivacyError(f"{given}: the accountant cannot bound this round's epsilon "
+                           f"(sample rate {plan.sample_rate:.4g}, {plan.steps} steps); nothing was charged")
+    if not noise <= MAX_NOISE:
+        raise PrivacyError(f"{given}: a step's noise sigma*C would be {noise:.4g}, more than {MAX_NOISE:g}; "
+                           "nothing was charged")
 
 
 def round_metadata(record: ledger.Record) -> dict[str, float]:

@@ -9,7 +9,6 @@ sane step: ``learning_rate``).
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -24,10 +23,14 @@ MAX_LEARNING_RATE = 1000.0
 SEED_LIMIT = 2**63
 """Seeds are 0 <= seed < 2**63 (what torch and numpy generators both take)."""
 _SHOWN_CHARS = 40
-_FLOAT_MAX = sys.float_info.max
 DP_SETTINGS = ("dp_noise_multiplier", "dp_max_grad_norm", "dp_epsilon")
 # A round cannot set the node's own privacy limits: naming them is refused with the variable to use.
 MAX_DP_EPSILON = 100.0  # a round's target epsilon; far past any meaningful guarantee already
+DP_RANGES = {"dp_noise_multiplier": (1e-6, 100.0), "dp_max_grad_norm": (1e-6, 100.0),
+             "dp_epsilon": (0.0, MAX_DP_EPSILON)}
+"""Each ``dp_*`` setting's (exclusive low or inclusive low, high). σ and C within these keep Opacus's RDP
+accountant finite (σ = 1e-200 divides by zero there, 1e200 overflows), and σ·C at most 10,000 keeps a
+step's noise finite in float32 (σ = 1e154 would charge ε = 0 and then fill the weights with inf)."""
 NODE_OWNED = {"dp_delta": "MNIST_EDGE_DP_DELTA", "dp_budget": "MNIST_EDGE_DP_EPSILON"}
 
 
@@ -66,8 +69,8 @@ _RULES: dict[str, str] = {
     "optimizer": "one of " + ", ".join(OPTIMIZERS),
     "seed": "an integer from 0 to 2**63-1",
     "precision": "one of " + ", ".join(PRECISIONS),
-    "dp_noise_multiplier": "a number > 0",
-    "dp_max_grad_norm": "a number > 0",
+    "dp_noise_multiplier": "a number from {:g} to {:g}".format(*DP_RANGES["dp_noise_multiplier"]),
+    "dp_max_grad_norm": "a number from {:g} to {:g}".format(*DP_RANGES["dp_max_grad_norm"]),
     "dp_epsilon": f"a number > 0 and <= {MAX_DP_EPSILON:g}",
 }
 
@@ -81,9 +84,13 @@ def _valid(key: str, value: Any) -> bool:
         return _is_int(value) and 1 <= value <= MAX_EPOCHS
     if key == "batch_size":
         return _is_int(value) and 1 <= value <= MAX_BATCH_SIZE
-    if key == "learning_rate" or key in DP_SETTINGS:  # compared before float(): 10**400 has no float
-        limit = {"learning_rate": MAX_LEARNING_RATE, "dp_epsilon": MAX_DP_EPSILON}.get(key, _FLOAT_MAX)
-        return (_is_int(value) or isinstance(value, float)) and 0 < value <= limit
+    if key == "learning_rate":  # compared before float(): 10**400 has no float
+        return (_is_int(value) or isinstance(value, float)) and 0 < value <= MAX_LEARNING_RATE
+    if key in DP_SETTINGS:
+        low, high = DP_RANGES[key]
+        if not (_is_int(value) or isinstance(value, float)):
+            return False
+        return (value > low if low == 0 else value >= low) and value <= high
     if key == "optimizer":
         return isinstance(value, str) and value.lower() in OPTIMIZERS
     if key == "precision":
@@ -106,6 +113,11 @@ def check_seed(value: Any, name: str) -> int:
 
 
 def _shown(value: Any) -> str:
+    """``value`` for a message, cut to about 40 characters; a long string is cut before its repr is made."""
+    if isinstance(value, str) and len(value) > _SHOWN_CHARS:
+        return f"{repr(value[:_SHOWN_CHARS])[:_SHOWN_CHARS]}... ({len(value) + 2} characters)"
+    if not isinstance(value, str | int | float | bool | type(None)):
+        return f"a {type(value).__name__}"
     text = repr(value)
     return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}... ({len(text)} characters)"
 

@@ -81,9 +81,10 @@ class S3Config:
         endpoint = get("S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
         if endpoint and "://" not in endpoint:
             endpoint = ("http://" if environ.get("S3_USE_HTTPS", "1").lower() in _FALSE else "https://") + endpoint
-        limits = {name: _count(environ, var) for name, var in
-                  (("max_objects", "MNIST_EDGE_S3_MAX_OBJECTS"), ("max_bytes", "MNIST_EDGE_S3_MAX_BYTES"))
-                  if environ.get(var)}
+        limits = {name: _count(environ, var, high) for name, var, high in
+                  (("max_objects", "MNIST_EDGE_S3_MAX_OBJECTS", MAX_OBJECTS_LIMIT),
+                   ("max_bytes", "MNIST_EDGE_S3_MAX_BYTES", MAX_BYTES_LIMIT))
+                  if var in environ}
         return cls(endpoint_url=endpoint, region=get("AWS_REGION", "AWS_DEFAULT_REGION") or "us-east-1",
                    profile=get("AWS_PROFILE"), access_key_id=get("AWS_ACCESS_KEY_ID"),
                    secret_access_key=get("AWS_SECRET_ACCESS_KEY"), session_token=get("AWS_SESSION_TOKEN"),
@@ -102,10 +103,16 @@ class S3Config:
         return urlunsplit((parts.scheme, parts.hostname or "", "", "", "")) + port
 
 
-def _count(environ: Mapping[str, str], name: str) -> int:
+MAX_OBJECTS_LIMIT = 10_000_000
+MAX_BYTES_LIMIT = 2**44  # 16 TiB
+"""The most the download bounds may be raised to: a bound, not a way to switch the bound off."""
+
+
+def _count(environ: Mapping[str, str], name: str, high: int) -> int:
+    """A set variable (set but blank fails too: a templating slip, not a choice) as 1 to ``high``."""
     value = environ[name].strip()
-    if not value.isdigit() or int(value) < 1:
-        raise StorageError(f"{name}={value[:40]!r}: expected a whole number >= 1")
+    if not (value.isascii() and value.isdigit() and len(value) <= 20 and 1 <= int(value) <= high):
+        raise StorageError(f"{name}={value[:40]!r}: expected a whole number from 1 to {high:,}")
     return int(value)
 
 

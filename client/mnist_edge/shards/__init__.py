@@ -14,9 +14,19 @@ used at all raises :class:`DataError`. Where things are:
 
 from .codecs import IMAGE_BYTES, IMAGE_SIDE, decode_image, encode_image
 from .reader import MAX_LINE_BYTES, read_shard
-from .rows import EXCERPT_CHARS, NO_LABEL, REQUIRED_COLUMNS, WARN_FIRST, BadRow, DataError, Shard, describe
+from .rows import (
+    EXCERPT_CHARS,
+    NO_LABEL,
+    REQUIRED_COLUMNS,
+    WARN_FIRST,
+    BadRow,
+    DataError,
+    HeaderError,
+    Shard,
+    describe,
+)
 
 __all__ = [
     "IMAGE_BYTES", "IMAGE_SIDE", "MAX_LINE_BYTES", "EXCERPT_CHARS", "NO_LABEL", "REQUIRED_COLUMNS", "WARN_FIRST",
-    "BadRow", "DataError", "Shard", "decode_image", "describe", "encode_image", "read_shard",
+    "BadRow", "DataError", "HeaderError", "Shard", "decode_image", "describe", "encode_image", "read_shard",
 ]

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from .fast import FastLines
 from .hashing import BackgroundSha256
-from .rows import REQUIRED_COLUMNS, DataError, Shard, ShardBuilder, header_columns
+from .rows import REQUIRED_COLUMNS, DataError, HeaderError, Shard, ShardBuilder, header_columns
 
 MAX_LINE_BYTES = 1 << 16
 """Longest line (one row, all its columns) a shard may have: 64 KiB; a raw-image row is ~1.1 KB."""
@@ -128,11 +128,12 @@ class _Lines:
 
 
 def _decode(path: Path, line: int, raw: bytes) -> str:
+    """The line as text; the error says where the bad byte is, never its value (it may be an image's)."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
-                        f"{error.start + 1} of the line); expected a UTF-8 CSV file") from None
+        raise DataError(f"{path}:{line}: not UTF-8 text (at byte {error.start + 1} of the line); "
+                        "expected a UTF-8 CSV file") from None
 
 
 def _open_regular(path: Path) -> BinaryIO:
@@ -150,16 +151,18 @@ def _open_regular(path: Path) -> BinaryIO:
 def _header(path: Path, first: tuple[int, bytes | None] | None) -> tuple[list[str], bytes]:
     """The header's names and the rest of the first chunk."""
     if first is None:
-        raise DataError(f"{path}: empty file, expected a header row with {', '.join(REQUIRED_COLUMNS)}")
+        raise HeaderError(path, f": empty file, expected a header row with {', '.join(REQUIRED_COLUMNS)}")
     _, chunk = first
     if chunk is None:
-        raise DataError(f"{path}:1: line is longer than {MAX_LINE_BYTES} bytes, expected a header row")
+        raise HeaderError(path, f":1: line is longer than {MAX_LINE_BYTES} bytes, expected a header row")
     newline = chunk.index(b"\n")
-    text = _decode(path, 1, chunk[:newline])
     try:
+        text = _decode(path, 1, chunk[:newline])
         names = next(csv.reader([text], strict=True), [])
+    except DataError as error:
+        raise HeaderError(path, str(error).removeprefix(str(path))) from None
     except csv.Error as error:
-        raise DataError(f"{path}:1: malformed CSV header ({error})") from None
+        raise HeaderError(path, f":1: malformed CSV header ({error})") from None
     return names, chunk[newline + 1 :]
 
 

@@ -3,7 +3,8 @@
 Whatever path a row took to get here, :meth:`ShardBuilder.add_row` alone decides whether it is
 kept, and its reason when it is not. Reasons and errors reach the server (task errors,
 ``validation_error``), so they name the file, line and column but never quote an image, and
-quote other values only when they are short (:func:`describe`).
+quote other values only when they are short (:func:`describe`) and only once line 1 is a
+shard's header: of any other file nothing is said but its path (:class:`HeaderError`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,19 @@ _NAME = re.compile(rf"[\w .-]{{1,{_NAME_CHARS}}}")
 
 class DataError(UserError, ValueError):
     """A shard or data directory cannot be used; the message names the path and the problem."""
+
+
+class HeaderError(DataError):
+    """The first line is not a shard's header, so the file may not be a shard at all (a task's ``data``
+    can name any file of the node): the message says nothing about what the file holds. What is
+    wrong with the line (the old, fuller message) is :attr:`local_message`, for the command line only.
+    """
+
+    def __init__(self, path: Path, local_message: str) -> None:
+        super().__init__(f"{path}:1: not a CSV shard: expected line 1 to be a header naming "
+                         f"{', '.join(REQUIRED_COLUMNS)} (each once); the file's content is not shown "
+                         "(a headerless or empty shard, a misspelt or repeated column, or not a shard)")
+        self.local_message = f"{path}{local_message}"
 
 
 def describe(text: str) -> str:
@@ -66,18 +80,18 @@ class Shard:
 
 
 def header_columns(path: Path, names: list[str]) -> tuple[int, int, int]:
-    """Positions of image_id, label and image in the header; DataError names what is wrong."""
+    """Positions of image_id, label and image in the header; :class:`HeaderError` if it is not one."""
     names = [name.strip() for name in names]
     if not any(names):
-        raise DataError(f"{path}:1: blank line, expected a header row with {', '.join(REQUIRED_COLUMNS)}")
+        raise HeaderError(path, f":1: blank line, expected a header row with {', '.join(REQUIRED_COLUMNS)}")
     for name in REQUIRED_COLUMNS:
         places = [i + 1 for i, n in enumerate(names) if n == name]
         if len(places) > 1:
-            raise DataError(f"{path}:1: column {name!r} appears {len(places)} times (columns "
-                            f"{', '.join(map(str, places))}), expected once")
+            raise HeaderError(path, f":1: column {name!r} appears {len(places)} times (columns "
+                                    f"{', '.join(map(str, places))}), expected once")
     missing = [name for name in REQUIRED_COLUMNS if name not in names]
     if missing:
-        raise DataError(f"{path}:1: missing required column {missing[0]!r} ({_header_summary(names)})")
+        raise HeaderError(path, f":1: missing required column {missing[0]!r} ({_header_summary(names)})")
     return tuple(names.index(name) for name in REQUIRED_COLUMNS)  # type: ignore[return-value]
 
 
