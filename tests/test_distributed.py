@@ -154,8 +154,9 @@ def test_a_lost_rank_fails_the_job_with_a_clear_error_and_nothing_written(shards
         start = time.monotonic()
         out, err = zero.communicate(timeout=300)
     finally:
-        one.kill()
-        one.wait()
+        for process in (zero, one):
+            process.kill()
+            process.wait()
     assert zero.returncode == 2 and time.monotonic() - start < 240  # 10 s, and a busy machine
     assert "error: rank 0 of 2: lost the other ranks while training" in err
     assert "the job stops and writes nothing" in err
