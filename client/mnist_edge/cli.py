@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (UserError, OSError) as error:
         print(f"error: {getattr(error, 'local_message', None) or error}", file=sys.stderr)
+        if getattr(error, "exit_now", False):  # a data-parallel job whose peer is gone: no teardown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
 
 

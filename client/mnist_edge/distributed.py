@@ -32,7 +32,13 @@ from .settings import TrainSettings
 
 
 class RankLost(UserError, RuntimeError):
-    """A collective failed: another rank died or stopped answering within the timeout."""
+    """A collective failed: another rank died or stopped answering within the timeout.
+
+    The process group cannot be torn down cleanly then (gloo's destructor waits on a worker that
+    waits on the interpreter), so the command line exits at once after saying so (``exit_now``).
+    """
+
+    exit_now = True
 
 
 @dataclass(frozen=True)
@@ -61,11 +67,9 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
     except (RuntimeError, ValueError) as error:
         raise RankLost(f"rank {ranks.rank} of {ranks.world_size}: cannot join the job's process group "
                        f"({_first_line(error)}); check MASTER_ADDR and MASTER_PORT") from None
-    try:
-        yield
-    finally:
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+    yield  # on an error the group is left as it is: tearing it down with a peer gone can hang
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
