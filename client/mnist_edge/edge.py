@@ -19,9 +19,9 @@ from typing import Any
 import scaleoututil.grpc.scaleout_pb2 as scaleout_msg
 from scaleout import ScaleoutModel
 
-from . import data, files, hardware, model, paths, privacy, report, training
+from . import data, files, hardware, ledger_store, model, paths, privacy, report, training
 from .container import params_from, to_scaleout_model
-from .node import NodeConfig, NodeConfigError
+from .node import STATE_DIR, NodeConfig, NodeConfigError
 from .settings import capped_batch_size, parse_settings
 
 log = logging.getLogger("mnist_edge")
@@ -155,6 +155,9 @@ class EdgeTasks:
             output = paths.inside_data_dir(data_dir, f"predictions/{name}.csv", "model id")
         inputs = [data.split_location(data_dir, split) for split in data.SPLITS]
         paths.refuse_inputs(output, inputs, "parameter 'output'")
+        ledger = self.node.privacy.ledger
+        owned = [data_dir / STATE_DIR, *([ledger, ledger_store.head_path(ledger)] if ledger is not None else [])]
+        paths.refuse_node_files(output, owned, "parameter 'output'")
         return output
 
     def predict(self, scaleout_model: ScaleoutModel, params: Mapping[str, Any] | None) -> dict:

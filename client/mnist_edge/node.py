@@ -116,24 +116,45 @@ def _has_split(directory: Path) -> bool:
     return any((directory / name).exists() for name in ("train", "train.csv", "test", "test.csv"))
 
 
-def privacy_from(environ: Mapping[str, str], data_dir: Path, cwd: Path) -> PrivacyLimits:
+def privacy_from(environ: Mapping[str, str], data_dir: Path, cwd: Path, ledger: Path | None = None) -> PrivacyLimits:
     """The ``MNIST_EDGE_DP_*`` limits; the ledger lives with the data unless the operator moves it.
 
-    Every ``MNIST_EDGE_*`` name is checked here (an unknown one is refused), so every entry point
-    that reads the privacy limits refuses a typo.
+    ``ledger``: a path given on the command line (``--ledger``), which wins. Every ``MNIST_EDGE_*``
+    name is checked here (an unknown one is refused), so every entry point that reads the privacy
+    limits refuses a typo.
     """
     unknown = sorted(name for name in environ if name.startswith("MNIST_EDGE_") and name not in KNOWN)
     if unknown:
         raise NodeConfigError(f"unknown node variable {unknown[0][:60]}; known: {', '.join(KNOWN)}")
-    ledger = _text(environ, DP_LEDGER, None)
+    named = _text(environ, DP_LEDGER, None)
+    if ledger is None:
+        ledger = (cwd / named).absolute() if named else default_ledger(data_dir, cwd)
     return PrivacyLimits(
         epsilon=_number(environ, DP_EPSILON, f"a number > 0 and <= {MAX_EPSILON:g}",
                         lambda v: 0 < v <= MAX_EPSILON),
         delta=_number(environ, DP_DELTA, "a number between 0 and 1 (exclusive)",
                       lambda v: 0 < v < 1) or DEFAULT_DELTA,
         rounds=_integer(environ, DP_ROUNDS, 1, MAX_DP_ROUNDS) or DEFAULT_DP_ROUNDS,
-        ledger=(cwd / ledger).absolute() if ledger else data_dir / STATE_DIR / LEDGER_NAME,
+        ledger=ledger,
     )
+
+
+def default_ledger(data_dir: Path, cwd: Path) -> Path:
+    """``<data_dir>/.mnist-edge/privacy-ledger.jsonl``; refused while an older ledger waits in ``cwd``.
+
+    Ledgers used to live in the client's working directory: a node started where one still lies,
+    with none in its data directory, would silently begin a new budget, so it is refused until the
+    operator moves the old ledger (or names it with ``MNIST_EDGE_DP_LEDGER``).
+    """
+    ledger = (data_dir / STATE_DIR / LEDGER_NAME).absolute()
+    old = (cwd / LEDGER_NAME).absolute()
+    if (old.exists() or old.is_symlink()) and not ledger.exists() and old != ledger:
+        raise NodeConfigError(
+            f"{old}: a privacy ledger in the working directory, where ledgers were kept before they moved into "
+            f"the data directory. This node's ledger is {ledger}, which does not exist, so starting now would "
+            f"begin a new budget: move the old ledger there (mkdir -p {ledger.parent} && mv {old} {ledger}), "
+            f"or set {DP_LEDGER} to its path")
+    return ledger
 
 
 def _raw(environ: Mapping[str, str], name: str) -> str | None:
