@@ -97,6 +97,11 @@ class Ledger:
     valid_size: int = 0  # bytes up to the end of the last record's JSON; a torn tail lies beyond
     needs_newline: bool = False  # the last record's newline was cut or damaged
     recomputed: int = 0  # records whose ε this read recomputed (the others: the head's checkpoint)
+    skipped: int = 0  # records before ``records[0]``: covered by the checkpoint and not parsed (a charge)
+
+    @property
+    def count(self) -> int:
+        return self.skipped + len(self.records)
 
     @property
     def spent(self) -> float:
@@ -104,7 +109,7 @@ class Ledger:
 
     @property
     def delta(self) -> float | None:
-        return self.records[0].delta if self.records else None
+        return self.records[-1].delta if self.records else None  # one δ throughout: checked record by record
 
     @property
     def last_hash(self) -> str:
@@ -203,11 +208,22 @@ def _covers(head: Head, content: bytes) -> bool:
             and store.sha256(content[:head.size]) == head.prefix_sha256)
 
 
-def _from_checkpoint(ledger: Ledger, prefix: bytes, head: Head) -> None:
-    """The records the checkpoint covers: parsed and chained; their composed curve is the head's."""
-    for number, line in enumerate(prefix.split(b"\n"), start=1):
-        _follow(ledger, number, _line_record(ledger.path, number, line), line)
-    agrees = (len(ledger.records), ledger.last_hash, ledger.spent, ledger.delta) == \
+def _from_checkpoint(ledger: Ledger, prefix: bytes, head: Head, every_record: bool) -> None:
+    """The records the checkpoint covers, not recomputed: their composed curve is the head's.
+
+    ``every_record``: parse and chain them all (to show them); else only the last is parsed (a
+    charge needs its hash, ε and δ), the bytes before it being the ones the head was made from.
+    """
+    start = 0 if every_record else prefix.rfind(b"\n") + 1
+    ledger.skipped = prefix.count(b"\n", 0, start)
+    for number, line in enumerate(prefix[start:].split(b"\n"), start=ledger.skipped + 1):
+        record = _line_record(ledger.path, number, line)
+        if ledger.records or not ledger.skipped:
+            _follow(ledger, number, record, line)
+        else:  # the first one parsed follows records that were not
+            ledger.records.append(record)
+            ledger.hashes.append(store.sha256(line))
+    agrees = (ledger.count, ledger.last_hash, ledger.spent, ledger.delta) == \
         (head.records, head.last_hash, head.epsilon_spent, head.delta)
     if not (agrees and math.isclose(epsilon(np.asarray(head.rdp), head.delta), head.epsilon_spent,
                                     rel_tol=1e-9, abs_tol=1e-12)):
@@ -222,7 +238,7 @@ def _scan(ledger: Ledger, content: bytes, begin: int) -> None:
     *complete, tail = content[begin:].split(b"\n")
     offset = begin
     for line in complete:
-        number = len(ledger.records) + 1
+        number = ledger.count + 1
         _verify(ledger, number, _line_record(ledger.path, number, line), line)
         ledger.valid_size, ledger.needs_newline = offset + len(line), False
         offset += len(line) + 1
@@ -232,7 +248,7 @@ def _scan(ledger: Ledger, content: bytes, begin: int) -> None:
             raw, end = json.JSONDecoder().raw_decode(text, position)
         except json.JSONDecodeError:
             return  # an unparsable fragment: a write cut short, whose round never started training
-        number = len(ledger.records) + 1
+        number = ledger.count + 1
         _verify(ledger, number, _check_record(ledger.path, number, raw), tail[position:end])
         ledger.valid_size, ledger.needs_newline = offset + end, True
         position = end + 1  # past the record's cut or damaged newline
@@ -240,22 +256,27 @@ def _scan(ledger: Ledger, content: bytes, begin: int) -> None:
 
 def _anchor(ledger: Ledger, head: Head) -> None:
     """The ledger still holds the record its head ends with: nothing was removed from its end."""
-    if len(ledger.records) >= head.records and ledger.hashes[head.records - 1] == head.last_hash:
+    index = head.records - 1 - ledger.skipped  # below 0: a record the checkpoint itself covered
+    if ledger.count >= head.records and (index < 0 or ledger.hashes[index] == head.last_hash):
         return
     raise LedgerError(
-        f"privacy ledger {ledger.path}: holds {len(ledger.records)} record(s), but its head "
+        f"privacy ledger {ledger.path}: holds {ledger.count} record(s), but its head "
         f"{store.head_path(ledger.path)} was written after record {head.records} (epsilon spent "
         f"{head.epsilon_spent:.4f}, sha256 {head.last_hash[:16]}...): records were removed or the ledger was "
         "replaced, which would roll the budget back. It is never reset automatically: restore the ledger "
         "from a backup, or (the node's operator only) move both files away to start a new budget")
 
 
-def parse(path: Path, content: bytes, head: Head | None = None, *, checkpoint: bool = True) -> Ledger:
-    """Verify the ledger's bytes: chain, δ, ε (from the head's checkpoint on, if it applies), anchor."""
+def parse(path: Path, content: bytes, head: Head | None = None, *, checkpoint: bool = True,
+          every_record: bool = True) -> Ledger:
+    """Verify the ledger's bytes: chain, δ, ε (from the head's checkpoint on, if it applies), anchor.
+
+    ``every_record`` False: the records the checkpoint covers are not parsed (see ``Ledger.skipped``).
+    """
     ledger = Ledger(Path(path))
     begin = 0
     if head is not None and checkpoint and _covers(head, content):
-        _from_checkpoint(ledger, content[:head.size], head)
+        _from_checkpoint(ledger, content[:head.size], head, every_record)
         ledger.needs_newline = content[head.size:head.size + 1] != b"\n"
         begin = head.size + (0 if ledger.needs_newline else 1)
     _scan(ledger, content, begin)
@@ -290,7 +311,7 @@ def charge(path: str | Path, *, model_id: str, data_fingerprint: str, noise_mult
     curve = round_rdp(noise_multiplier, sample_rate, steps)  # the slow part, before taking the lock
     with store.locked(path, charge=True) as fd:
         content = store.read_all(fd)
-        ledger = parse(path, content, store.read_head(path))
+        ledger = parse(path, content, store.read_head(path), every_record=False)
         if ledger.delta is not None and delta != ledger.delta:
             raise LedgerError(f"privacy ledger {path}: kept at delta {ledger.delta:g}, but this node's "
                               f"MNIST_EDGE_DP_DELTA is {delta:g}; rounds at different delta do not compose "
@@ -312,7 +333,7 @@ def charge(path: str | Path, *, model_id: str, data_fingerprint: str, noise_mult
         line = json.dumps(asdict(record), sort_keys=True).encode()
         keep, data = ledger.end, (b"\n" if ledger.needs_newline else b"") + line + b"\n"
         store.append(fd, path, keep, data)
-        store.write_head(path, Head(len(ledger.records) + 1, keep + len(data) - 1,
+        store.write_head(path, Head(ledger.count + 1, keep + len(data) - 1,
                                     store.sha256(content[:keep] + data[:-1]), store.sha256(line), eps_total,
                                     float(delta), list(ORDERS), total.tolist()))
-    return Charged(record, len(ledger.records) + 1, store.sha256(line))
+    return Charged(record, ledger.count + 1, store.sha256(line))

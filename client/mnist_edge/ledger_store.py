@@ -24,7 +24,7 @@ import math
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import UserError
@@ -218,7 +218,7 @@ def read_head(path: Path) -> Head | None:
 
 def write_head(path: Path, head: Head) -> None:
     """Replace the head atomically; a failure fails the round (charged, but nothing trained)."""
-    text = json.dumps({"format": HEAD_FORMAT, **asdict(head)}, sort_keys=True) + "\n"
+    text = json.dumps({"format": HEAD_FORMAT, **vars(head)}, sort_keys=True) + "\n"
     try:
         atomic_write(head_path(path), lambda handle: handle.write(text))
     except (OSError, TargetError) as error:

@@ -48,11 +48,11 @@ def check_delta(delta: float, n: int) -> None:
     publish one random image in the clear."""
     if delta >= 1.0 / n:
         raise PrivacyError(
-            f"MNIST_EDGE_DP_DELTA {delta:g} is not below 1/n = {1.0 / n:.4g} for this node's n = {n} training "
+            f"MNIST_EDGE_DP_DELTA {delta:g} is not below 1/n = {1.0 / n:g} for this node's n = {n} training "
             "images: with such a delta the guarantee allows publishing an image in the clear; refused before "
-            f"charging. Set MNIST_EDGE_DP_DELTA below 1/(10 n) = {0.1 / n:.4g}")
+            f"charging. Set MNIST_EDGE_DP_DELTA below 1/(10 n) = {0.1 / n:g}")
     if delta > 0.1 / n:
-        log.warning("MNIST_EDGE_DP_DELTA %g is above 1/(10 n) = %.4g for this node's n = %d training images: "
+        log.warning("MNIST_EDGE_DP_DELTA %g is above 1/(10 n) = %g for this node's n = %d training images: "
                     "a delta well below 1/n is what the guarantee needs", delta, 0.1 / n, n)
 
 
