@@ -9,10 +9,9 @@ before each run (as a freshly started client or command finds it):
 - ``read, from the checkpoint``: the records the head covers are hashed, not recomputed;
 - ``charge, no head``: a ledger without a head (one written before heads), all records recomputed
   under the lock;
-- ``charge, from the checkpoint``: the charge of a train task, whose round curve ``plan_round``
-  has already computed (cached), so only the new record is accounted under the lock;
-- ``charge, from the checkpoint, cold``: the same with the new round's curve computed inside
-  (a command run once).
+- ``charge of a train task``: from the checkpoint, the round's curve already computed (cached) by
+  ``plan_round``, so only the new record is accounted under the lock;
+- ``charge, round curve not cached``: the same with the new round's curve computed inside.
 
 ``--baseline REV`` also times the ``ledger`` module of git revision REV (``git archive``) on the
 same file, in a subprocess: the code before the head, quoted as the "before" numbers.
@@ -31,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mnist_edge import ledger, ledger_store
-from perf_common import RESULTS, load, machine, median
+from perf_common import RESULTS, cpu_class, load, machine, median
 
 ROUND = dict(model_id="bench", data_fingerprint="f", max_grad_norm=1.0, sample_rate=0.064, steps=15,
              delta=1e-5, budget=None)
@@ -94,7 +93,7 @@ def measure(path: Path, work: Path, repeats: int, full_repeats: int) -> dict[str
         "read, from the checkpoint": timed(lambda i, _: ledger.read(path), repeats),
         "charge, no head": timed(lambda i, target: charge_cached(i, target), full_repeats,
                                  lambda i: copy(i, head=False)),
-        "charge, from the checkpoint, cold": timed(lambda i, target: charge_cached(i, target), repeats, copy),
+        "charge, round curve not cached": timed(lambda i, target: charge_cached(i, target), repeats, copy),
     }
     cached = []
     for i in range(repeats):
@@ -103,7 +102,7 @@ def measure(path: Path, work: Path, repeats: int, full_repeats: int) -> dict[str
         start = time.perf_counter()
         charge_cached(i, target)
         cached.append(time.perf_counter() - start)
-    results["charge, from the checkpoint"] = cached
+    results["charge of a train task"] = cached
     return results
 
 
@@ -125,7 +124,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21, help="runs of each checkpoint measurement")
     parser.add_argument("--full-repeats", type=int, default=3, help="runs of each full verification")
     parser.add_argument("--baseline", metavar="REV", help="also time the ledger of this git revision")
-    parser.add_argument("--out", type=Path, default=RESULTS / "ledger.txt")
+    parser.add_argument("--out", type=Path, default=RESULTS / cpu_class() / "ledger.txt")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
