@@ -102,6 +102,20 @@ def test_a_short_write_on_a_full_filesystem_fails_the_round_before_any_training(
         assert meta["dp_ledger_records"] == records + 1 == ledger.read(path, full=True).count
 
 
+def test_a_read_only_ledger_directory_fails_the_round_before_training_naming_the_ledger(
+        tmp_path, monkeypatch, node_dir, seed_path):
+    state = node_dir / STATE_DIR
+    with tmpfs(state, "16k"):
+        subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+        client, runtime = env_client(tmp_path, monkeypatch, node_dir)
+        with pytest.raises(ledger.ChargeFailed) as failed:
+            train(client, seed_path)
+        assert str(failed.value) == (
+            f"privacy ledger {state / LEDGER_NAME}: cannot be opened to charge this round (Read-only file system); "
+            "refused before training, no update leaves this node")
+        assert runtime.checks == 0 and not (state / LEDGER_NAME).exists()
+
+
 CUT_CHARGE = """
 import json, resource, sys
 from pathlib import Path
@@ -255,6 +269,17 @@ def test_a_charge_recomputes_only_its_own_round_and_a_read_none(tmp_path, counte
     counted_curves.clear()
     charge(path, 6.0)
     assert counted_curves == []  # the head the last charge wrote, and a cached curve
+
+
+def test_privacy_full_recomputes_what_the_checkpoint_covers(tmp_path):
+    path = tmp_path / LEDGER_NAME
+    for sigma in (1.0, 2.0, 1.5):
+        charge(path, sigma)
+    for flags, recomputed in (([], 0), (["--full"], 3)):
+        done = subprocess.run([sys.executable, "-m", "mnist_edge", "privacy", "--ledger", str(path), *flags],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert f"(epsilon recomputed for {recomputed} record(s), the rest from the head's checkpoint)" in done.stdout
 
 
 def test_an_edit_under_the_checkpoint_is_still_found_and_named(tmp_path):
