@@ -142,13 +142,13 @@ def test_kill_9_at_random_instants_never_loses_a_charge_nor_corrupts_the_ledger(
 
 
 def charged(path: Path, sigmas: tuple[float, ...] = (1.0, 2.0, 1.5)) -> list[ledger.Record]:
-    return [ledger.charge(path, noise_multiplier=s, sample_rate=0.1, steps=10, **CHARGE) for s in sigmas]
+    return [ledger.charge(path, noise_multiplier=s, sample_rate=0.1, steps=10, **CHARGE).record for s in sigmas]
 
 
 def test_the_charged_epsilon_is_what_opacus_accountant_gives(tmp_path):
     path = tmp_path / LEDGER_NAME
     rounds = [(1.0, 0.064, 15), (0.8, 0.2, 5), (3.0, 1.0, 2)]
-    records = [ledger.charge(path, noise_multiplier=s, sample_rate=q, steps=t, **CHARGE) for s, q, t in rounds]
+    records = [ledger.charge(path, noise_multiplier=s, sample_rate=q, steps=t, **CHARGE).record for s, q, t in rounds]
     for i, (record, mechanism) in enumerate(zip(records, rounds, strict=True)):
         assert (record.noise_multiplier, record.sample_rate, record.steps, record.delta) == (*mechanism, 1e-5)
         assert record.epsilon_round == pytest.approx(opacus_epsilon([mechanism]), rel=1e-12)

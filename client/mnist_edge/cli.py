@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 from .errors import UserError
@@ -78,9 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     settings = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name) is not None}
     local = None if args.dataset.startswith("s3://") else standalone.dataset_directory(args.dataset)
-    limits = node.privacy_from(os.environ, local, Path.cwd())
-    if args.ledger is not None:
-        limits = replace(limits, ledger=args.ledger.absolute())
+    limits = node.privacy_from(os.environ, local, Path.cwd(), None if args.ledger is None else args.ledger.absolute())
     _configure_process()
     standalone.train(args.dataset, args.model, settings, limits, init=args.init, ranks=node.ranks_from(os.environ),
                      store=_store())
@@ -120,13 +118,13 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy(args: argparse.Namespace) -> int:
-    from . import hardware, privacy
-    from .node import NodeConfig
+    from . import hardware, node, privacy
 
-    limits = NodeConfig.from_environment(os.environ, Path.cwd(), hardware.cpu_count()).privacy
-    if args.ledger is not None:
-        limits = replace(limits, ledger=args.ledger.absolute())
-    print(privacy.describe(limits))
+    if args.ledger is None:
+        limits = node.NodeConfig.from_environment(os.environ, Path.cwd(), hardware.cpu_count()).privacy
+    else:
+        limits = node.privacy_from(os.environ, Path.cwd(), Path.cwd(), args.ledger.absolute())
+    print(privacy.describe(limits, full=args.full))
     return 0
 
 
@@ -237,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("privacy", help="print this node's privacy ledger and remaining budget")
     p.add_argument("--ledger", type=Path, default=None,
                    help=f"ledger file (default: the node's, $SCALEOUT_DATA_DIR/{STATE_DIR}/{LEDGER_NAME})")
+    p.add_argument("--full", action="store_true",
+                   help="recompute every round's epsilon instead of starting from the head's verified checkpoint")
     p.set_defaults(func=cmd_privacy)
 
     p = commands.add_parser("lineage", help="where a model came from: its data, code and versions (local or s3://)")

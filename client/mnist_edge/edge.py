@@ -20,10 +20,10 @@ from typing import Any
 import scaleoututil.grpc.scaleout_pb2 as scaleout_msg
 from scaleout import ScaleoutModel
 
-from . import data, files, hardware, model, outputs, paths, privacy, report, status, training
+from . import data, files, hardware, ledger_store, model, outputs, paths, privacy, report, status, training
 from .container import params_from, to_scaleout_model
 from .errors import UserError
-from .node import NodeConfig, NodeConfigError
+from .node import STATE_DIR, NodeConfig, NodeConfigError
 from .settings import capped_batch_size, parse_settings
 
 log = logging.getLogger("mnist_edge")
@@ -181,6 +181,9 @@ class EdgeTasks:
         model_id = model_id_of(scaleout_model)
         location = self._predict_location(params)
         output = outputs.choose(self.node.data_dir, params.get("output"), model_id, location)
+        ledger = self.node.privacy.ledger  # the node's own files, wherever the operator keeps them
+        owned = [self.node.data_dir / STATE_DIR, *([ledger, ledger_store.head_path(ledger)] if ledger else [])]
+        paths.refuse_node_files(output.path, owned, "parameter 'output'")
         self._load_model(scaleout_model)
         dataset = data.load_dataset(location, labels_required=False)
         predicted, confidence = training.predict(self.net, dataset.images, self.device, self.client.check_task_abort)
@@ -200,7 +203,6 @@ class EdgeTasks:
         self.client.log_attributes(attribute_values({f"prediction_{k}": v for k, v in summary.items()}))
         log.info("predicted %d images into %s", len(predicted), output.path)
         return summary
-
 
     def node_status(self, parameters: Any = None) -> dict:
         """The ``node_status`` command: counts, fingerprints, versions, precision, privacy budget.

@@ -119,12 +119,14 @@ def _has_split(directory: Path) -> bool:
     return any((directory / name).exists() for name in ("train", "train.csv", "test", "test.csv"))
 
 
-def privacy_from(environ: Mapping[str, str], data_dir: Path | None, cwd: Path) -> PrivacyLimits:
+def privacy_from(environ: Mapping[str, str], data_dir: Path | None, cwd: Path,
+                 ledger: Path | None = None) -> PrivacyLimits:
     """The ``MNIST_EDGE_DP_*`` limits; the ledger lives with the data unless the operator moves it.
 
-    Every ``MNIST_EDGE_*`` name is checked here (an unknown one is refused), so every entry point
-    that reads the privacy limits refuses a typo. Data with no local directory (in a bucket) has
-    no ledger unless the operator names one: a DP run there is refused.
+    ``ledger``: a path given on the command line (``--ledger``), which wins. Every ``MNIST_EDGE_*``
+    name is checked here (an unknown one is refused), so every entry point that reads the privacy
+    limits refuses a typo. Data with no local directory (in a bucket) has no ledger unless the
+    operator names one: a DP run there is refused.
     """
     unknown = sorted(name for name in environ if name.startswith("MNIST_EDGE_") and name not in KNOWN)
     removed = [name for name in unknown if name in REMOVED]
@@ -133,14 +135,18 @@ def privacy_from(environ: Mapping[str, str], data_dir: Path | None, cwd: Path) -
                               "unset it")
     if unknown:
         raise NodeConfigError(f"unknown node variable {_shown(unknown[0])} (a typo?); known: {', '.join(KNOWN)}")
-    ledger = _text(environ, DP_LEDGER, None)
+    named = _text(environ, DP_LEDGER, None)
+    if ledger is None and named:
+        ledger = (cwd / named).absolute()
+    elif ledger is None and data_dir is not None:
+        ledger = default_ledger(data_dir, cwd)
     return PrivacyLimits(
         epsilon=_number(environ, DP_EPSILON, f"a number > 0 and <= {MAX_EPSILON:g}",
                         lambda v: 0 < v <= MAX_EPSILON),
         delta=_number(environ, DP_DELTA, "a number between 0 and 1 (exclusive)",
                       lambda v: 0 < v < 1) or DEFAULT_DELTA,
         rounds=_integer(environ, DP_ROUNDS, 1, MAX_DP_ROUNDS) or DEFAULT_DP_ROUNDS,
-        ledger=(cwd / ledger).absolute() if ledger else data_dir / STATE_DIR / LEDGER_NAME if data_dir else None,
+        ledger=ledger,
     )
 
 
@@ -170,6 +176,24 @@ def ranks_from(environ: Mapping[str, str]) -> Ranks | None:
                               "(or a launcher that sets RANK, MASTER_ADDR and MASTER_PORT)")
     timeout = _number(environ, DIST_TIMEOUT, "a number of seconds from 1 to 3600", lambda v: 1 <= v <= 3600)
     return Ranks(rank, world, _integer(environ, "LOCAL_RANK", 0, MAX_CLIENTS - 1) or 0, timeout or 60.0)
+
+
+def default_ledger(data_dir: Path, cwd: Path) -> Path:
+    """``<data_dir>/.mnist-edge/privacy-ledger.jsonl``; refused while an older ledger waits in ``cwd``.
+
+    Ledgers used to live in the client's working directory: a node started where one still lies,
+    with none in its data directory, would silently begin a new budget, so it is refused until the
+    operator moves the old ledger (or names it with ``MNIST_EDGE_DP_LEDGER``).
+    """
+    ledger = (data_dir / STATE_DIR / LEDGER_NAME).absolute()
+    old = (cwd / LEDGER_NAME).absolute()
+    if (old.exists() or old.is_symlink()) and not ledger.exists() and old != ledger:
+        raise NodeConfigError(
+            f"{old}: a privacy ledger in the working directory, where ledgers were kept before they moved into "
+            f"the data directory. This node's ledger is {ledger}, which does not exist, so starting now would "
+            f"begin a new budget: move the old ledger there (mkdir -p {ledger.parent} && mv {old} {ledger}), "
+            f"or set {DP_LEDGER} to its path")
+    return ledger
 
 
 def _raw(environ: Mapping[str, str], name: str) -> str | None:

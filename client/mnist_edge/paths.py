@@ -92,3 +92,13 @@ def refuse_inputs(path: Path, inputs: Iterable[Path], what: str) -> None:
         if target == source or source in target.parents:
             raise PathError(f"{what} {path} would replace input data ({source}); "
                             "write outputs outside the train/test/predict shards")
+
+
+def refuse_node_files(path: Path, owned: Iterable[Path], what: str) -> None:
+    """PathError if ``path`` is, or is inside, one of the node's own files (its privacy ledger)."""
+    target = path.resolve()
+    for own in owned:
+        own = Path(own).resolve()
+        if target == own or own in target.parents:
+            raise PathError(f"{what} {path} would write into the node's own state ({own}: its privacy ledger), "
+                            "which no task may touch; write outputs elsewhere in the data directory")

@@ -1,10 +1,12 @@
 """Node-owned differential privacy: DP-SGD for one round (Opacus) under the node's own budget.
 
 The budget is the data owner's, set on the node (:class:`mnist_edge.node.PrivacyLimits`, from
-``MNIST_EDGE_DP_EPSILON`` and ``MNIST_EDGE_DP_DELTA``) and never by a task. With a budget set every train task runs DP-SGD; the round is charged in the
-ledger (:mod:`mnist_edge.ledger`) *before* its first batch, and a round that would pass the budget
-fails before any training, so no update leaves the node. A round's ``dp_*`` settings can only add
-noise: they decide σ and C, the node decides δ and the total ε.
+``MNIST_EDGE_DP_EPSILON`` and ``MNIST_EDGE_DP_DELTA``) and never by a task. With a budget set
+every train task runs DP-SGD; the round is charged in the ledger (:mod:`mnist_edge.ledger`)
+*before* its first batch, and a round that would pass the budget, or whose charge the disk does
+not take in full, fails before any training, so no update leaves the node. A round's ``dp_*``
+settings can only add noise: they decide σ and C (within bounds where the accounting stays
+finite), the node decides δ (below 1/n) and the total ε.
 
 Accounting is Opacus's RDP accountant with the sampling it assumes: Poisson sampling of each batch
 with rate q = batch_size / n; σ for a ``dp_epsilon`` target comes from ``get_noise_multiplier``.
@@ -25,13 +27,17 @@ from torch import nn
 
 from . import dpsgd, ledger, training
 from .dpsgd import RoundPlan
-from .ledger import BudgetExceeded, LedgerError, PrivacyError  # noqa: F401  (the errors callers catch)
+from .ledger import BudgetExceeded, ChargeFailed, LedgerError, PrivacyError  # noqa: F401  (the errors callers catch)
 from .node import PrivacyLimits
 from .settings import TrainSettings
 
 log = logging.getLogger("mnist_edge")
 DEFAULT_NOISE_MULTIPLIER = 1.0
 DEFAULT_MAX_GRAD_NORM = 1.0
+# Where Opacus's accountant and the clip stay finite and quick (σ 1e-300 divides by zero, 1e308
+# overflows; σ·C is the noise's scale). A σ of 1000 already gives a round the accountant's floor ε.
+MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-6, 1e3
+MIN_MAX_GRAD_NORM, MAX_MAX_GRAD_NORM = 1e-6, 1e3
 MAX_NOISE = 10_000.0
 """Largest σ·C a round may add (the settings' largest σ times their largest C): noise finite in float32."""
 
@@ -41,14 +47,38 @@ def steps_per_epoch(n: int, sample_rate: float) -> int:
     return len(UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate))
 
 
+def check_delta(delta: float, n: int) -> None:
+    """δ must be below 1/n (refused) and should be below 1/(10 n) (warned): a (0, 1/n)-DP mechanism may
+    publish one random image in the clear."""
+    if delta >= 1.0 / n:
+        raise PrivacyError(
+            f"MNIST_EDGE_DP_DELTA {delta:g} is not below 1/n = {1.0 / n:g} for this node's n = {n} training "
+            "images: with such a delta the guarantee allows publishing an image in the clear; refused before "
+            f"charging. Set MNIST_EDGE_DP_DELTA below 1/(10 n) = {0.1 / n:g}")
+    if delta > 0.1 / n:
+        log.warning("MNIST_EDGE_DP_DELTA %g is above 1/(10 n) = %g for this node's n = %d training images: "
+                    "a delta well below 1/n is what the guarantee needs", delta, 0.1 / n, n)
+
+
+def _bounded(name: str, value: float | None, low: float, high: float) -> None:
+    if value is not None and not low <= value <= high:
+        raise PrivacyError(f"setting {name!r} {value:g} is outside [{low:g}, {high:g}], where the accountant "
+                           "and the clip stay finite; refused before charging")
+
+
 def plan_round(settings: TrainSettings, n: int, budget: PrivacyLimits) -> RoundPlan | None:
     """The round's DP parameters, or None when DP is off (no node budget and no ``dp_*`` setting).
 
     σ is ``dp_noise_multiplier`` (default 1.0); with ``dp_epsilon`` Opacus computes the σ that
-    reaches it at the node's δ, and when both are set the larger σ (more noise) wins.
+    reaches it at the node's δ, and when both are set the larger σ (more noise) wins. Refused
+    (:class:`PrivacyError`, before anything is charged): δ >= 1/n, a σ or C outside its bounds, a
+    round the accountant cannot give a finite ε for.
     """
     if budget.epsilon is None and not settings.asks_for_dp:
         return None
+    check_delta(budget.delta, n)
+    _bounded("dp_noise_multiplier", settings.dp_noise_multiplier, MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER)
+    _bounded("dp_max_grad_norm", settings.dp_max_grad_norm, MIN_MAX_GRAD_NORM, MAX_MAX_GRAD_NORM)
     sample_rate = min(1.0, settings.batch_size / n)
     steps = settings.epochs * steps_per_epoch(n, sample_rate)
     sigma = settings.dp_noise_multiplier
@@ -60,9 +90,13 @@ def plan_round(settings: TrainSettings, n: int, budget: PrivacyLimits) -> RoundP
             raise PrivacyError(f"setting 'dp_epsilon' {settings.dp_epsilon:g} cannot be reached at delta "
                                f"{budget.delta:g} with {steps} steps at sample rate {sample_rate:.4g}: "
                                "ask for a larger epsilon") from None
+        if target > MAX_NOISE_MULTIPLIER:
+            raise PrivacyError(f"setting 'dp_epsilon' {settings.dp_epsilon:g} needs sigma {target:.4g}, above the "
+                               f"largest dp_noise_multiplier {MAX_NOISE_MULTIPLIER:g}: ask for a larger epsilon")
         sigma = max(sigma or 0.0, target)
     plan = RoundPlan(sigma or DEFAULT_NOISE_MULTIPLIER, settings.dp_max_grad_norm or DEFAULT_MAX_GRAD_NORM,
                      sample_rate, steps, budget.delta, min(settings.batch_size, n))
+    ledger.round_rdp(plan.noise_multiplier, plan.sample_rate, plan.steps)  # finite, or refused; cached for the charge
     _check_accountable(plan, "dp_epsilon" if settings.dp_epsilon is not None else "dp_noise_multiplier")
     return plan
 
@@ -87,12 +121,18 @@ def _check_accountable(plan: RoundPlan, source: str) -> None:
                            "nothing was charged")
 
 
-def round_metadata(record: ledger.Record) -> dict[str, float]:
-    """The numbers a server needs to audit the round, as plain JSON numbers."""
+def round_metadata(charged: ledger.Charged) -> dict[str, float | int | str]:
+    """The numbers a server needs to audit the round, as plain JSON values.
+
+    ``dp_ledger_records`` and ``dp_ledger_head`` (the sha256 of this round's record) are the
+    ledger's head after the charge: a server that sees a node's count or ``dp_epsilon_spent`` go
+    back has seen its ledger rolled back.
+    """
+    record = charged.record
     return {"dp_epsilon_round": record.epsilon_round, "dp_epsilon_spent": record.epsilon_total,
             "dp_delta": record.delta, "dp_noise_multiplier": record.noise_multiplier,
             "dp_max_grad_norm": record.max_grad_norm, "dp_sample_rate": record.sample_rate,
-            "dp_steps": record.steps}
+            "dp_steps": record.steps, "dp_ledger_records": charged.records, "dp_ledger_head": charged.head}
 
 
 def train_round(
@@ -112,24 +152,44 @@ def train_round(
     """One DP round as ``plan`` says: charge the ledger first, then DP-SGD.
 
     Returns the result and the ``dp_*`` metadata. Raises :class:`BudgetExceeded` (nothing trained,
-    nothing charged) or :class:`LedgerError`.
+    nothing charged), :class:`ChargeFailed` (the disk refused the record: nothing trained) or
+    :class:`LedgerError`.
     """
     if limits.ledger is None:
         raise PrivacyError("no privacy ledger to charge, so no DP round can run: name one with "
                            "MNIST_EDGE_DP_LEDGER (or --ledger), a file that persists between runs")
-    record = ledger.charge(limits.ledger, model_id=model_id, data_fingerprint=data_fingerprint,
+    charged = ledger.charge(limits.ledger, model_id=model_id, data_fingerprint=data_fingerprint,
                            noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
                            sample_rate=plan.sample_rate, steps=plan.steps, delta=plan.delta, budget=limits.epsilon)
+    record = charged.record
     budget_text = "no budget" if limits.epsilon is None else f"budget {limits.epsilon:g}"
     log.info("DP round charged: epsilon %.4f (sigma %.4g, C %g, q %.4g, %d steps, delta %g); spent %.4f, %s",
              record.epsilon_round, plan.noise_multiplier, plan.max_grad_norm, plan.sample_rate, plan.steps,
              plan.delta, record.epsilon_total, budget_text)
     result = dpsgd.train_private(net, images, labels, settings, plan, on_batch, on_metrics, device)
-    return result, round_metadata(record)
+    return result, round_metadata(charged)
 
 
-def describe(limits: PrivacyLimits) -> str:
-    """The node's ledger and what is left of its budget: what ``python -m mnist_edge privacy`` prints."""
+def describe(limits: PrivacyLimits, full: bool = False) -> str:
+    """The node's ledger and what is left of its budget: what ``python -m mnist_edge privacy`` prints.
+
+    ``full``: recompute every record's ε instead of starting from the head's checkpoint.
+    """
     if limits.ledger is None:
         return "no privacy ledger configured"
-    return ledger.describe(ledger.read(limits.ledger), limits.epsilon)
+    found = ledger.read(limits.ledger, full=full)
+    lines = [f"privacy ledger {found.path}: {len(found.records)} charged round(s)"]
+    if found.records:
+        lines.append(f"{'time':<25} {'model_id':<36} {'sigma':>7} {'C':>6} {'q':>8} {'steps':>6} "
+                     f"{'eps_round':>9} {'eps_total':>9}")
+        for r in found.records:
+            lines.append(f"{r.time:<25} {r.model_id[:36]:<36} {r.noise_multiplier:>7.4g} "
+                         f"{r.max_grad_norm:>6.3g} {r.sample_rate:>8.4g} {r.steps:>6} "
+                         f"{r.epsilon_round:>9.4f} {r.epsilon_total:>9.4f}")
+        lines.append(f"delta {found.delta:g}; epsilon spent {found.spent:.4f}; head {found.last_hash[:16]}... "
+                     f"(epsilon recomputed for {found.recomputed} record(s), the rest from the head's checkpoint)")
+    if limits.epsilon is None:
+        lines.append("budget: none (MNIST_EDGE_DP_EPSILON is not set): DP runs only when a round asks for it")
+    else:
+        lines.append(f"budget epsilon {limits.epsilon:g}; remaining {max(limits.epsilon - found.spent, 0.0):.4f}")
+    return "\n".join(lines)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import container, data, hardware, model, privacy, runtime, training
+from . import container, data, hardware, ledger_store, model, privacy, runtime, training
 from .aggregate import fedavg
 from .errors import UserError
 from .history import Round, row_text, write_outputs
@@ -103,8 +103,8 @@ def simulate(
     parse_settings(settings)  # a bad value fails now, not in round 1
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for old_ledger in (out / NODES_DIR).glob(f"client-*/{LEDGER_NAME}"):
-        old_ledger.unlink()  # a new simulation is a new federation: its nodes start with nothing spent
+    for old_node in (out / NODES_DIR).glob("client-*"):
+        ledger_store.remove(old_node / LEDGER_NAME)  # a new simulation is a new federation: nothing spent
     nodes = [NodeConfig.for_data(p, epsilon=dp_budget, delta=DEFAULT_DELTA if dp_delta is None else dp_delta,
                                  ledger=(out / NODES_DIR / p.name / LEDGER_NAME).absolute()) for p in client_dirs]
     clients = [runtime.local_client(node, workdir=out) for node in nodes]
