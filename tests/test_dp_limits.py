@@ -6,6 +6,8 @@ Through the real EdgeClient (``test_edge.start``) where a node's operator or a s
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 import re
@@ -15,7 +17,7 @@ import pytest
 from conftest import make_node
 from mnist_edge import ledger, privacy
 from mnist_edge.node import LEDGER_NAME, STATE_DIR, PrivacyLimits
-from mnist_edge.settings import parse_settings
+from mnist_edge.settings import SettingsError, parse_settings
 from test_edge import call, seed_model, start
 
 
@@ -74,22 +76,29 @@ def test_a_delta_above_1_over_10n_trains_with_a_warning_and_below_without(warnin
 
 
 @pytest.mark.parametrize("settings,message", [
-    ({"dp_noise_multiplier": 1e308}, "setting 'dp_noise_multiplier' 1e+308 is outside [1e-06, 1000]"),
-    ({"dp_noise_multiplier": 1e-300}, "setting 'dp_noise_multiplier' 1e-300 is outside [1e-06, 1000]"),
-    ({"dp_noise_multiplier": 5e-324}, "setting 'dp_noise_multiplier' 4.94066e-324 is outside [1e-06, 1000]"),
-    ({"dp_max_grad_norm": 1e308}, "setting 'dp_max_grad_norm' 1e+308 is outside [1e-06, 1000]"),
-    ({"dp_max_grad_norm": 1e-9}, "setting 'dp_max_grad_norm' 1e-09 is outside [1e-06, 1000]"),
+    ({"dp_noise_multiplier": 1e308}, "setting 'dp_noise_multiplier' must be a number from 1e-06 to 100, got 1e+308"),
+    ({"dp_noise_multiplier": 1e-300}, "setting 'dp_noise_multiplier' must be a number from 1e-06 to 100, got 1e-300"),
+    ({"dp_noise_multiplier": 5e-324}, "setting 'dp_noise_multiplier' must be a number from 1e-06 to 100, got 5e-324"),
+    ({"dp_max_grad_norm": 1e308}, "setting 'dp_max_grad_norm' must be a number from 1e-06 to 100, got 1e+308"),
+    ({"dp_max_grad_norm": 1e-9}, "setting 'dp_max_grad_norm' must be a number from 1e-06 to 100, got 1e-09"),
 ])
 def test_dp_settings_past_their_bounds_are_refused_before_charging(tmp_path, monkeypatch, node_dir, seed_path,
                                                                    settings, message):
     client, runtime = started(tmp_path, monkeypatch, node_dir, MNIST_EDGE_DP_EPSILON="8")
-    with pytest.raises(privacy.PrivacyError) as refused:
+    with pytest.raises(SettingsError) as refused:
         call(client, client.train_callback, seed_model(seed_path), settings)
-    assert str(refused.value).startswith(message) and "refused before charging" in str(refused.value)
+    assert str(refused.value) == message
     assert runtime.checks == 0 and not (node_dir / STATE_DIR / LEDGER_NAME).exists()
 
 
-@pytest.mark.parametrize("sigma,clip", [(1e-6, 1.0), (1000.0, 1000.0), (1.0, 1e-6)])
+@pytest.mark.parametrize("field,value", [("noise_multiplier", 1e308), ("max_grad_norm", 1e-9)])
+def test_a_plan_built_without_the_settings_checks_is_still_bounded(field, value):
+    settings = dataclasses.replace(parse_settings({"batch_size": 50}), **{f"dp_{field}": value})
+    with pytest.raises(privacy.PrivacyError, match=f"setting 'dp_{field}' .* is outside .*refused before charging"):
+        privacy.plan_round(settings, 1000, PrivacyLimits())
+
+
+@pytest.mark.parametrize("sigma,clip", [(1e-6, 1.0), (100.0, 100.0), (1.0, 1e-6)])
 def test_the_bounds_themselves_account_to_a_finite_epsilon(tmp_path, sigma, clip):
     plan = privacy.plan_round(parse_settings({"dp_noise_multiplier": sigma, "dp_max_grad_norm": clip,
                                               "batch_size": 50}), 1000, PrivacyLimits())
@@ -103,7 +112,7 @@ def test_an_epsilon_target_that_needs_more_noise_than_the_bound_names_the_settin
     # q = 1 over 1,000 epochs: an epsilon just above the accountant's floor needs a sigma in the thousands
     settings = parse_settings({"dp_epsilon": 0.105, "batch_size": 64, "epochs": 1000})
     with pytest.raises(privacy.PrivacyError, match=r"setting 'dp_epsilon' 0.105 needs sigma [\d.e+]+, above the "
-                                                   r"largest dp_noise_multiplier 1000"):
+                                                   r"largest dp_noise_multiplier 100"):
         privacy.plan_round(settings, 64, PrivacyLimits(delta=1e-5))
 
 

@@ -29,15 +29,16 @@ from . import dpsgd, ledger, training
 from .dpsgd import RoundPlan
 from .ledger import BudgetExceeded, ChargeFailed, LedgerError, PrivacyError  # noqa: F401  (the errors callers catch)
 from .node import PrivacyLimits
-from .settings import TrainSettings
+from .settings import DP_RANGES, TrainSettings
 
 log = logging.getLogger("mnist_edge")
 DEFAULT_NOISE_MULTIPLIER = 1.0
 DEFAULT_MAX_GRAD_NORM = 1.0
 # Where Opacus's accountant and the clip stay finite and quick (σ 1e-300 divides by zero, 1e308
-# overflows; σ·C is the noise's scale). A σ of 1000 already gives a round the accountant's floor ε.
-MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-6, 1e3
-MIN_MAX_GRAD_NORM, MAX_MAX_GRAD_NORM = 1e-6, 1e3
+# overflows; σ·C is the noise's scale): the round settings' bounds, checked again for a plan built
+# without parse_settings and for the σ a ``dp_epsilon`` target asks for.
+MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = DP_RANGES["dp_noise_multiplier"]
+MIN_MAX_GRAD_NORM, MAX_MAX_GRAD_NORM = DP_RANGES["dp_max_grad_norm"]
 MAX_NOISE = 10_000.0
 """Largest σ·C a round may add (the settings' largest σ times their largest C): noise finite in float32."""
 
