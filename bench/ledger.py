@@ -29,7 +29,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mnist_edge import ledger, ledger_store
+from mnist_edge import accounting, ledger, ledger_store
 from perf_common import RESULTS, cpu_class, load, machine, median
 
 ROUND = dict(model_id="bench", data_fingerprint="f", max_grad_norm=1.0, sample_rate=0.064, steps=15,
@@ -69,7 +69,7 @@ def timed(action, repeats: int, prepare=None) -> list[float]:
     times = []
     for i in range(repeats):
         argument = prepare(i) if prepare else None
-        ledger._rdp.cache_clear()
+        accounting._rdp.cache_clear()
         start = time.perf_counter()
         action(i, argument)
         times.append(time.perf_counter() - start)

@@ -88,7 +88,8 @@ def test_plan_round_refuses_what_the_accountant_cannot_bound(settings, tmp_path)
     """The library's own check, for callers that build settings without ``parse_settings``: a
     PrivacyError naming the setting, never ZeroDivisionError or OverflowError, and no ledger line."""
     limits = PrivacyLimits(epsilon=50.0, ledger=tmp_path / LEDGER_NAME)
-    with pytest.raises(PrivacyError, match=r"noise multiplier .* \(from setting 'dp_noise_multiplier'\)"):
+    with pytest.raises(PrivacyError, match=r"setting 'dp_(noise_multiplier|max_grad_norm)' .* is outside "
+                                           r"\[1e-06, 100\].*refused before charging"):
         privacy.plan_round(settings, 1000, limits)
     assert not limits.ledger.exists()
 

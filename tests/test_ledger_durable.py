@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_edge import ledger, ledger_store
+from mnist_edge import accounting, ledger, ledger_store
 from mnist_edge.node import LEDGER_NAME, STATE_DIR
 from test_edge import call, seed_model, start
 
@@ -236,33 +236,33 @@ def test_what_the_node_cannot_see_the_server_does(tmp_path, monkeypatch, node_di
 def counted_curves(monkeypatch):
     """How many RDP curves the accountant computes (the slow part of verifying a record)."""
     calls = []
-    real = ledger.rdp_analysis.compute_rdp
+    real = accounting.rdp_analysis.compute_rdp
 
     def counting(**kwargs):
         calls.append(kwargs["noise_multiplier"])
         return real(**kwargs)
 
-    monkeypatch.setattr(ledger.rdp_analysis, "compute_rdp", counting)
-    ledger._rdp.cache_clear()
+    monkeypatch.setattr(accounting.rdp_analysis, "compute_rdp", counting)
+    accounting._rdp.cache_clear()
     yield calls
-    ledger._rdp.cache_clear()
+    accounting._rdp.cache_clear()
 
 
 def test_a_charge_recomputes_only_its_own_round_and_a_read_none(tmp_path, counted_curves):
     path = tmp_path / LEDGER_NAME
     for i in range(12):
         charge(path, 1.0 + i / 10)
-    ledger._rdp.cache_clear()
+    accounting._rdp.cache_clear()
     counted_curves.clear()
     assert ledger.read(path).count == 12 and counted_curves == []
     charge(path, 5.0)
     assert counted_curves == [5.0]  # the new round; the twelve before come from the head's checkpoint
 
-    ledger._rdp.cache_clear()
+    accounting._rdp.cache_clear()
     counted_curves.clear()
     assert ledger.read(path, full=True).recomputed == 13 and len(counted_curves) == 13
     ledger_store.head_path(path).unlink()  # a ledger from before heads: verified in full, once
-    ledger._rdp.cache_clear()
+    accounting._rdp.cache_clear()
     counted_curves.clear()
     charge(path, 6.0)
     assert len(counted_curves) == 14

@@ -17,7 +17,6 @@ the sum of the rounds' ε and never decreases.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -26,14 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 
 from . import ledger_store as store
+from .accounting import ORDERS, epsilon, round_rdp  # noqa: F401  (the ledger's arithmetic, used from here too)
 from .ledger_store import ChargeFailed, Head, LedgerError, PrivacyError  # noqa: F401  (raised from here too)
 
 FORMAT = 1
-ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
 
 
 class BudgetExceeded(PrivacyError):
@@ -57,33 +54,6 @@ class Record:
     epsilon_total: float
     budget: float | None  # the node's MNIST_EDGE_DP_EPSILON when charged (None: no budget)
     prev: str  # sha256 of the previous line ("" for the first)
-
-
-@functools.lru_cache(maxsize=256)
-def _rdp(noise_multiplier: float, sample_rate: float, steps: int) -> tuple[float, ...]:
-    """The RDP curve of one round (cached: planning computes it first, and rounds repeat their settings)."""
-    try:
-        curve = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps,
-                                         orders=ORDERS)
-    except (ArithmeticError, ValueError):  # Opacus divides by σ² and exponentiates: 1e-300 and 1e308 fail
-        curve = [math.inf]
-    values = tuple(np.atleast_1d(curve).tolist())
-    if not all(math.isfinite(v) for v in values):
-        raise PrivacyError(f"dp_noise_multiplier {noise_multiplier:g} cannot be accounted at sample rate "
-                           f"{sample_rate:g} over {steps} steps: the accountant gives no finite epsilon")
-    return values
-
-
-def round_rdp(noise_multiplier: float, sample_rate: float, steps: int) -> np.ndarray:
-    return np.asarray(_rdp(float(noise_multiplier), float(sample_rate), int(steps)))
-
-
-def epsilon(rdp_curve: np.ndarray, delta: float) -> float:
-    """ε at ``delta`` of a composed RDP curve (what ``RDPAccountant.get_epsilon`` returns)."""
-    if not np.any(rdp_curve):
-        return 0.0
-    eps, _order = rdp_analysis.get_privacy_spent(orders=list(ORDERS), rdp=rdp_curve, delta=delta)
-    return float(eps)
 
 
 @dataclass
