@@ -94,15 +94,20 @@ def main() -> None:
         data.write_shard(raw, pixels, labels)
         pixels, labels = images(args.png_rows)
         data.write_shard(png, pixels, labels, fmt="png")
-        report(f"raw shard: {args.rows} rows, {raw.stat().st_size / 1e6:.1f} MB; "
-               f"PNG shard: {args.png_rows} rows, {png.stat().st_size / 1e6:.1f} MB; pixels {args.rows * 784 / 1e6:.1f} MB")
+        report(
+            f"raw shard: {args.rows} rows, {raw.stat().st_size / 1e6:.1f} MB; "
+            f"PNG shard: {args.png_rows} rows, {png.stat().st_size / 1e6:.1f} MB; pixels {args.rows * 784 / 1e6:.1f} MB"
+        )
         for got, want in zip(ours_read(raw), naive_read(raw)):
             assert np.array_equal(got, want), "our reader and the naive reader disagree"
         wall: dict[str, list[float]] = {"naive": [], "ours": [], "png": []}
         cpu: dict[str, list[float]] = {"naive": [], "ours": [], "png": []}
         for rep in range(args.reps):
-            for name, reader, path, rows in (("naive", naive_read, raw, args.rows), ("ours", ours_read, raw, args.rows),
-                                             ("png", ours_read, png, args.png_rows)):
+            for name, reader, path, rows in (
+                ("naive", naive_read, raw, args.rows),
+                ("ours", ours_read, raw, args.rows),
+                ("png", ours_read, png, args.png_rows),
+            ):
                 seconds, cpu_seconds = timed(reader, path)
                 wall[name].append(rows / seconds)
                 cpu[name].append(rows / cpu_seconds)
@@ -112,10 +117,14 @@ def main() -> None:
         rss = {name: peak_rss_above_baseline(name, raw) for name in ("ours", "naive")}
     for name, label in (("naive", "naive reader (raw)"), ("ours", "our reader (raw)"), ("png", "our reader (PNG)")):
         report(f"{label:20} median {median(wall[name]):9.0f} images/s wall  {median(cpu[name]):9.0f} images/s CPU")
-    report(f"median ratio ours/naive: {median(ratios):.2f} wall (pairs: {', '.join(f'{r:.2f}' for r in ratios)}), "
-           f"{median(cpu_ratios):.2f} CPU time (target >= 3); {cpu_tag()}; {load()}")
-    report(f"peak RSS above the interpreter+imports baseline: ours {rss['ours']:.1f} MB, naive {rss['naive']:.1f} MB "
-           f"(target for ours <= {1.5 * args.rows * 784 / 1e6:.1f} MB = 1.5 x the pixels)")
+    report(
+        f"median ratio ours/naive: {median(ratios):.2f} wall (pairs: {', '.join(f'{r:.2f}' for r in ratios)}), "
+        f"{median(cpu_ratios):.2f} CPU time (target >= 3); {cpu_tag()}; {load()}"
+    )
+    report(
+        f"peak RSS above the interpreter+imports baseline: ours {rss['ours']:.1f} MB, naive {rss['naive']:.1f} MB "
+        f"(target for ours <= {1.5 * args.rows * 784 / 1e6:.1f} MB = 1.5 x the pixels)"
+    )
     report.save(args.out)
 
 

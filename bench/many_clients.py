@@ -51,11 +51,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the loopback combiner
 
-import torch
+import torch  # noqa: E402
 
-from combiner import TRAIN, TestCombiner, enrollment_token
-from mnist_edge import data, model
-from perf_common import Report, images, load, machine
+from combiner import TRAIN, TestCombiner, enrollment_token  # noqa: E402
+from mnist_edge import data, model  # noqa: E402
+from perf_common import Report, images, load, machine  # noqa: E402
 
 MODES = ("alone", "alone-passive", "default", "passive", "budget", "lock", "launch", "launch-lock")
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}  # OpenMP threads sleep at barriers instead of spinning
@@ -153,18 +153,31 @@ def start_launched(combiner: TestCombiner, root: Path, data_dirs: list[Path], se
             f"serialize_compute={serialize}, scaleout_bin={str(SCALEOUT)!r}, "
             f"extra_client_args=['--disable-managed-env']))")
     with open(workdir / "launcher.log", "wb") as log:
-        launcher = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, env={**base_env(workdir), **extra}, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+        launcher = subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=workdir,
+            env={**base_env(workdir), **extra},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     fleet = Fleet(launcher=launcher)
     combiner.health_check = fleet.check_alive
-    by_name = combiner.wait_until(lambda: {r["name"]: r["client_id"] for r in combiner.registrations}
-                                  if len(combiner.registrations) == len(data_dirs) else None,
-                                  READY_TIMEOUT, "the launched clients to register")
+    by_name = combiner.wait_until(
+        lambda: (
+            {r["name"]: r["client_id"] for r in combiner.registrations}
+            if len(combiner.registrations) == len(data_dirs)
+            else None
+        ),
+        READY_TIMEOUT,
+        "the launched clients to register",
+    )
     return fleet, [by_name[f"client-{i}"] for i in range(len(data_dirs))]
 
 
-def start(mode: str, combiner: TestCombiner, root: Path, data_dirs: list[Path], threads_env: str, extra: dict
-          ) -> tuple[Fleet, list[str]]:
+def start(
+    mode: str, combiner: TestCombiner, root: Path, data_dirs: list[Path], threads_env: str, extra: dict
+) -> tuple[Fleet, list[str]]:
     """Start the clients of ``mode``; ``extra`` (``--env``) goes into every client's environment."""
     cores = os.cpu_count() or 1
     if mode.startswith("alone"):
@@ -177,24 +190,35 @@ def start(mode: str, combiner: TestCombiner, root: Path, data_dirs: list[Path], 
             budget[threads_env] = str(max(1, cores // len(data_dirs)))
         return start_by_hand(combiner, root, data_dirs, {**extra, **budget})
     if mode == "lock":
-        return start_by_hand(combiner, root, data_dirs,
-                             {**extra, "SCALEOUT_CLIENT_COMPUTE_LOCK": str(root / "compute.lock")})
+        return start_by_hand(
+            combiner, root, data_dirs, {**extra, "SCALEOUT_CLIENT_COMPUTE_LOCK": str(root / "compute.lock")}
+        )
     return start_launched(combiner, root, data_dirs, mode == "launch-lock", extra)
 
 
 def train_round(combiner: TestCombiner, ids: list[str], model_id: str, number: int) -> dict:
     began = time.monotonic()
-    tasks = [combiner.submit_task(c, TRAIN, model_id, {"client_settings": {"epochs": 1}}, round_id=f"round-{number}")
-             for c in ids]
-    failed = [(t.client_id, t.response) for t in combiner.wait_for_tasks(tasks, ROUND_TIMEOUT) if t.status != "COMPLETED"]
+    tasks = [
+        combiner.submit_task(c, TRAIN, model_id, {"client_settings": {"epochs": 1}}, round_id=f"round-{number}")
+        for c in ids
+    ]
+    failed = [
+        (t.client_id, t.response) for t in combiner.wait_for_tasks(tasks, ROUND_TIMEOUT) if t.status != "COMPLETED"
+    ]
     if failed:
         raise RuntimeError(f"round {number}: tasks failed: {failed}")
     updates = combiner.wait_for_messages(combiner.updates, tasks, ROUND_TIMEOUT, "model updates")
     wall = time.monotonic() - began
     metas = [json.loads(u.meta) for u in updates.values()]
     trained = sum(m["training_metadata"]["num_examples"] for m in metas)
-    return {"images": trained, "wall": wall, "rate": trained / wall, "callbacks": [m["processing_time"] for m in metas],
-            "fingerprints": len({m["training_metadata"].get("data_fingerprint") for m in metas}), "load": load()}
+    return {
+        "images": trained,
+        "wall": wall,
+        "rate": trained / wall,
+        "callbacks": [m["processing_time"] for m in metas],
+        "fingerprints": len({m["training_metadata"].get("data_fingerprint") for m in metas}),
+        "load": load(),
+    }
 
 
 def run_mode(mode: str, args: argparse.Namespace, root: Path, data_dirs: list[Path], report: Report) -> dict | None:
@@ -219,9 +243,11 @@ def run_mode(mode: str, args: argparse.Namespace, root: Path, data_dirs: list[Pa
         combiner.stop()
     report(f"{mode} ({len(ids)} client{'s' if len(ids) > 1 else ''}):")
     for number, r in enumerate(rounds, 1):
-        report(f"  round {number}: {r['images']} images in {r['wall']:.1f} s = {r['rate']:.0f} images/s total; "
-               f"train callbacks {min(r['callbacks']):.1f}-{max(r['callbacks']):.1f} s; "
-               f"{r['fingerprints']} distinct data fingerprint(s); {r['load']}")
+        report(
+            f"  round {number}: {r['images']} images in {r['wall']:.1f} s = {r['rate']:.0f} images/s total; "
+            f"train callbacks {min(r['callbacks']):.1f}-{max(r['callbacks']):.1f} s; "
+            f"{r['fingerprints']} distinct data fingerprint(s); {r['load']}"
+        )
     report(f"  peak RSS per client (MiB): {', '.join(f'{m:.0f}' for m in rss)}; sum {sum(rss):.0f}")
     return {"rate": rounds[-1]["rate"], "rss": sum(rss), "clients": len(ids)}
 
@@ -238,8 +264,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--threads-env", default="OMP_NUM_THREADS", help="budget mode's thread variable ('' none)")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="also set this in every client's environment (repeatable)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also set this in every client's environment (repeatable)",
+    )
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temp folder)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -253,9 +284,11 @@ def main() -> None:
 
     report = Report()
     report(machine())
-    report(f"{args.clients} clients x {args.images_per_client} images (mnist5k, shuffled per client, repeated), "
-           f"1 epoch a round, {args.rounds} round(s) per mode; niceness {os.nice(0)}; {load()} at start"
-           + "".join(f"; {k}={v} for every client" for k, v in args.env.items()))
+    report(
+        f"{args.clients} clients x {args.images_per_client} images (mnist5k, shuffled per client, repeated), "
+        f"1 epoch a round, {args.rounds} round(s) per mode; niceness {os.nice(0)}; {load()} at start"
+        + "".join(f"; {k}={v} for every client" for k, v in args.env.items())
+    )
     root = Path(tempfile.mkdtemp(prefix="many-clients-", dir=args.work))
     try:
         data_dirs = write_data(root / "data", args.clients, args.images_per_client)
@@ -263,8 +296,9 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     references = [m for m in ("alone", "alone-passive") if results.get(m)]
-    report(f"summary (last round): mode, clients, total images/s, {', '.join('/ ' + m for m in references)}, "
-           "peak RSS sum")
+    report(
+        f"summary (last round): mode, clients, total images/s, {', '.join('/ ' + m for m in references)}, peak RSS sum"
+    )
     for mode, r in results.items():
         if r is not None:
             ratios = "".join(f" {r['rate'] / results[m]['rate']:>7.2f}x" for m in references)

@@ -45,7 +45,9 @@ class Mutant:
 
     @property
     def mutated_lines(self) -> list[str]:
-        return [line[1:].strip() for line in self.diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+        return [
+            line[1:].strip() for line in self.diff.splitlines() if line.startswith("+") and not line.startswith("+++")
+        ]
 
 
 def load_equivalents(path: Path) -> dict[tuple[str, str], str]:
@@ -109,12 +111,19 @@ def report(mutants: list[Mutant], known: dict[tuple[str, str], str], header: str
     for module, c in [*sorted(by_module.items()), ("all", total)]:
         run = c["mutants"] - c["not run"]
         score = c["killed"] / max(run - c["equivalent"], 1)
-        rows.append(f"{module:<22} {c['mutants']:>7} {c['not run']:>7} {c['killed']:>7} {c['equivalent']:>10} "
-                    f"{c['not killed']:>10} {c['killed'] / max(run, 1):>8.1%} {score:>10.1%}")
-    out += [f"{'module':<22} {'mutants':>7} {'not run':>7} {'killed':>7} {'equivalent':>10} {'not killed':>10} "
-            f"{'killed':>8} {'score':>10}", *rows, "",
-            "killed: a selected test failed (or timed out), as a share of the mutants run; score: killed /",
-            "(mutants run - equivalent). not run: mutants this run did not reach (see the header).", ""]
+        rows.append(
+            f"{module:<22} {c['mutants']:>7} {c['not run']:>7} {c['killed']:>7} {c['equivalent']:>10} "
+            f"{c['not killed']:>10} {c['killed'] / max(run, 1):>8.1%} {score:>10.1%}"
+        )
+    out += [
+        f"{'module':<22} {'mutants':>7} {'not run':>7} {'killed':>7} {'equivalent':>10} {'not killed':>10} "
+        f"{'killed':>8} {'score':>10}",
+        *rows,
+        "",
+        "killed: a selected test failed (or timed out), as a share of the mutants run; score: killed /",
+        "(mutants run - equivalent). not run: mutants this run did not reach (see the header).",
+        "",
+    ]
     out.append(f"Not killed and not explained: {len(unexplained)}")
     for m in unexplained:
         out += [f"  {m.name} ({m.status})", *("    " + line for line in m.diff.splitlines()[2:])]
@@ -132,8 +141,10 @@ def main() -> int:
     parser.add_argument("--note", default="", help="a line for the header (e.g. how a partial run was made)")
     args = parser.parse_args()
     took = f", {args.seconds // 60} min {args.seconds % 60} s" if args.seconds else ""
-    header = (f"Mutation testing: `make mutate` (mutmut {version('mutmut')}, one worker{took}), "
-              f"against the fast unit tests in pyproject.toml [tool.mutmut]." + (f"\n{args.note}" if args.note else ""))
+    header = (
+        f"Mutation testing: `make mutate` (mutmut {version('mutmut')}, one worker{took}), "
+        f"against the fast unit tests in pyproject.toml [tool.mutmut]." + (f"\n{args.note}" if args.note else "")
+    )
     text, unexplained = report(load_mutants(), load_equivalents(EQUIVALENTS), header)
     args.out.write_text(text, encoding="utf-8")
     print(re.search(r"^all .*$", text, re.M).group(0))

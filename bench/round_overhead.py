@@ -15,10 +15,12 @@ the client's ``ScaleoutModel.from_training_model`` with its stock numpyhelper (`
 then the builder deflates that member again), the same with a level-1 npz (this package's first
 update) and ``container.to_scaleout_model``. (An uncompressed npz stored in the container was
 measured and left out: the client's re-id then does the only deflate, but the combiner's decode,
-which seeks inside the deflated member, took ~3x longer; see bench/results.) For each: the build (in the callback), what the client does with the
+which seeks inside the deflated member, took ~3x longer; see bench/results.)
+For each: the build (in the callback), what the client does with the
 update after the callback (``to_builder().set_model_id(..).build()``: the client's code, which
 deflates the container's member again at zlib's default level), their sum (what the node spends
-before the upload), the combiner's decode (stock numpyhelper) and the bytes uploaded. Run it with each client line's interpreter (``scaleout`` 1.0.7 and 1.1).
+before the upload), the combiner's decode (stock numpyhelper) and the bytes uploaded.
+Run it with each client line's interpreter (``scaleout`` 1.0.7 and 1.1).
 
     .venv/bin/python bench/round_overhead.py [--images 6000 --reps 3]
 """
@@ -41,8 +43,14 @@ from scaleoututil.helpers.plugins.numpyhelper import Helper as NumpyHelper
 from mnist_edge import container, data, edge, model, runtime, training
 from perf_common import Report, cpu_tag, images, load, machine, median
 
-PARTS = ("decode: ScaleoutModel -> numpy", "decode: numpy -> CNN", "data", "training steps",
-         "serialize: CNN -> numpy", "serialize: numpy -> ScaleoutModel")
+PARTS = (
+    "decode: ScaleoutModel -> numpy",
+    "decode: numpy -> CNN",
+    "data",
+    "training steps",
+    "serialize: CNN -> numpy",
+    "serialize: numpy -> ScaleoutModel",
+)
 
 
 class PartTimer:
@@ -102,27 +110,36 @@ def compare_builders(params: list[np.ndarray], reps: int, report: Report) -> Non
     for _rep in range(reps):
         for name, build in BUILDERS.items():
             build_s, built = timed(build, params)
-            reid_s, uploaded = timed(lambda: built.to_builder().set_model_id("update").build())
+            reid_s, uploaded = timed(lambda built=built: built.to_builder().set_model_id("update").build())
             decode_s, decoded = timed(uploaded.get_training_model, NumpyHelper())
             assert all(np.array_equal(a, b) for a, b in zip(decoded, params)), name
             for key, value in (("build", build_s), ("re-id", reid_s), ("decode", decode_s)):
                 seconds[name][key].append(value)
             with uploaded.get_file_stream() as stream:
                 sizes[name] = os.fstat(stream.fileno()).st_size
-    report(f"update builders, {reps} alternations, medians:{'':13} {'build':>8} {'client re-id':>13} "
-           f"{'sum':>9} {'combiner decode':>16} {'uploaded':>12}")
+    report(
+        f"update builders, {reps} alternations, medians:{'':13} {'build':>8} {'client re-id':>13} "
+        f"{'sum':>9} {'combiner decode':>16} {'uploaded':>12}"
+    )
     for name, parts in seconds.items():
         both = [a + b for a, b in zip(parts["build"], parts["re-id"])]
-        report(f"  {name:58} {1e3 * median(parts['build']):6.1f} ms {1e3 * median(parts['re-id']):10.1f} ms "
-               f"{1e3 * median(both):6.1f} ms {1e3 * median(parts['decode']):13.1f} ms {sizes[name]:>12,} B")
+        report(
+            f"  {name:58} {1e3 * median(parts['build']):6.1f} ms {1e3 * median(parts['re-id']):10.1f} ms "
+            f"{1e3 * median(both):6.1f} ms {1e3 * median(parts['decode']):13.1f} ms {sizes[name]:>12,} B"
+        )
 
 
 def callback_report(args: argparse.Namespace, report: Report) -> None:
     """The train callback's parts: one warm-up, one cold-cache run, ``--reps`` cached runs."""
     timer = PartTimer()
-    for owner, attribute, part in ((edge, "params_from", PARTS[0]), (model, "set_parameters", PARTS[1]),
-                                   (data, "load_split", PARTS[2]), (training, "train", PARTS[3]),
-                                   (model, "get_parameters", PARTS[4]), (edge, "to_scaleout_model", PARTS[5])):
+    for owner, attribute, part in (
+        (edge, "params_from", PARTS[0]),
+        (model, "set_parameters", PARTS[1]),
+        (data, "load_split", PARTS[2]),
+        (training, "train", PARTS[3]),
+        (model, "get_parameters", PARTS[4]),
+        (edge, "to_scaleout_model", PARTS[5]),
+    ):
         timer.wrap(owner, attribute, part)
     report(f"{args.images} images, 1 epoch, batch 64, precision {args.precision}, threads {args.threads}")
     settings = {"epochs": 1, "seed": 0, "precision": args.precision}
@@ -139,11 +156,15 @@ def callback_report(args: argparse.Namespace, report: Report) -> None:
     cold, warm = runs[0], {key: median([run[key] for run in runs[1:]]) for key in runs[0]}
     report(f"{'part':36} {'cold cache':>16} {'cached (median)':>20}")
     for key in (*PARTS, "other", "total"):
-        report(f"{key:36} {1e3 * cold[key]:9.1f} ms {100 * cold[key] / cold['total']:4.1f}% "
-               f"{1e3 * warm[key]:12.1f} ms {100 * warm[key] / warm['total']:4.1f}%")
+        report(
+            f"{key:36} {1e3 * cold[key]:9.1f} ms {100 * cold[key] / cold['total']:4.1f}% "
+            f"{1e3 * warm[key]:12.1f} ms {100 * warm[key] / warm['total']:4.1f}%"
+        )
     overhead = 1 - warm["training steps"] / warm["total"]
-    report(f"everything except the training steps, cached: {100 * overhead:.2f} % of the callback (target <= 3 %); "
-           f"cold: {100 * (1 - cold['training steps'] / cold['total']):.2f} %; {cpu_tag()}; {load()}")
+    report(
+        f"everything except the training steps, cached: {100 * overhead:.2f} % of the callback (target <= 3 %); "
+        f"cold: {100 * (1 - cold['training steps'] / cold['total']):.2f} %; {cpu_tag()}; {load()}"
+    )
 
 
 def main() -> None:

@@ -51,8 +51,16 @@ class Reference:
 class Ours:
     """Our step, as ``training.train`` runs it, with one idea changed by the keyword arguments."""
 
-    def __init__(self, pixels: np.ndarray, labels: torch.Tensor, bf16: bool, channels_last: bool = True, pool_first: bool = True, byte_dropout: bool = True,
-                 foreach: bool = False) -> None:
+    def __init__(
+        self,
+        pixels: np.ndarray,
+        labels: torch.Tensor,
+        bf16: bool,
+        channels_last: bool = True,
+        pool_first: bool = True,
+        byte_dropout: bool = True,
+        foreach: bool = False,
+    ) -> None:
         self.net = model.new_model(0)
         if not pool_first:  # the example's order; its dropout is still ours unless taken out below
             self.net.forward = lambda x, generator=None: ExampleNet.forward(self.net, x)
@@ -61,8 +69,11 @@ class Ours:
                 layer.forward = lambda x, generator=None, p=layer.p: F.dropout(x, p, True)
         self.memory_format = hardware.memory_format_for(CPU) if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format).train()
-        self.optimizer = (torch.optim.Adadelta(self.net.parameters(), lr=1.0, foreach=True) if foreach
-                          else training.make_optimizer("adadelta", self.net.parameters(), 1.0))
+        self.optimizer = (
+            torch.optim.Adadelta(self.net.parameters(), lr=1.0, foreach=True)
+            if foreach
+            else training.make_optimizer("adadelta", self.net.parameters(), 1.0)
+        )
         self.bf16, self.generator = bf16, training.dropout_generator(0, CPU)
         self.pixels, self.labels = torch.from_numpy(pixels), labels
 
@@ -91,8 +102,7 @@ def main() -> None:
     hardware.keep_freed_memory()  # process-wide, as in train_throughput
     report = Report()
     report(machine())
-    report(f"threads {args.threads}; batch 64; "
-           f"{args.rounds} rounds of {args.steps} steps per variant")
+    report(f"threads {args.threads}; batch 64; {args.rounds} rounds of {args.steps} steps per variant")
     pixels, labels = images(64 * 60)
     labels = torch.from_numpy(labels.astype(np.int64))
     variants: dict[str, Callable[[torch.Tensor], None]] = {"A reference step (fp32)": Reference(pixels, labels).step}
@@ -115,9 +125,11 @@ def main() -> None:
     reference = seconds["A reference step (fp32)"]
     for name, times in seconds.items():
         ratios = [a / t for a, t in zip(reference, times)]
-        report(f"{name:45} median {1e3 * median(times):6.1f} ms/step, fastest {1e3 * min(times):6.1f}; "
-               f"ratio to A {median(ratios):.2f} (quartiles {np.percentile(ratios, 25):.2f}-"
-               f"{np.percentile(ratios, 75):.2f})")
+        report(
+            f"{name:45} median {1e3 * median(times):6.1f} ms/step, fastest {1e3 * min(times):6.1f}; "
+            f"ratio to A {median(ratios):.2f} (quartiles {np.percentile(ratios, 25):.2f}-"
+            f"{np.percentile(ratios, 75):.2f})"
+        )
     report(f"(threads {args.threads}; {cpu_tag()}; {load()})")
     report.save(args.out)
 

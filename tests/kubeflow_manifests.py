@@ -93,18 +93,26 @@ def walk_pydantic(annotation: Any, value: Any, path: str, errors: list[str]) -> 
         for key, item in value.items():
             walk_pydantic(args[1], item, f"{path}.{key}", errors)
         return
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and "actual_instance" in annotation.model_fields:
+    if (
+        isinstance(annotation, type)
+        and issubclass(annotation, BaseModel)
+        and "actual_instance" in annotation.model_fields
+    ):
         # a oneOf wrapper (a Quantity: str or number; an IntOrString): one of its schemas must take the value
-        options = [a for a in typing.get_args(annotation.model_fields["actual_instance"].annotation)
-                   if a is not type(None)]
+        options = [
+            a for a in typing.get_args(annotation.model_fields["actual_instance"].annotation) if a is not type(None)
+        ]
         for option in options:
             trial: list[str] = []
             walk_pydantic(option, value, path, trial)
-            if not trial and (not isinstance(option, type) or option not in (str, int, bool, float)
-                              or _primitive(option, value)):
+            if not trial and (
+                not isinstance(option, type) or option not in (str, int, bool, float) or _primitive(option, value)
+            ):
                 return
-        return errors.append(f"{path}: expected one of {[getattr(o, '__name__', o) for o in options]}, "
-                             f"got {type(value).__name__} {value!r}")
+        return errors.append(
+            f"{path}: expected one of {[getattr(o, '__name__', o) for o in options]}, "
+            f"got {type(value).__name__} {value!r}"
+        )
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         if not isinstance(value, dict):
             return errors.append(f"{path}: expected an object ({annotation.__name__}), got {type(value).__name__}")
@@ -197,8 +205,11 @@ def _name(doc: dict[str, Any], pattern: re.Pattern[str], limit: int, rule: str) 
 
 def _containers(pod: dict[str, Any], path: str) -> tuple[list[dict[str, Any]], list[str]]:
     containers = ((pod.get("spec") or {}).get("containers")) or []
-    errors = [f"{path}.containers[{i}].name {c.get('name')!r}: must be a DNS-1123 label"
-              for i, c in enumerate(containers) if not DNS1123_LABEL.fullmatch(str(c.get("name", "")))]
+    errors = [
+        f"{path}.containers[{i}].name {c.get('name')!r}: must be a DNS-1123 label"
+        for i, c in enumerate(containers)
+        if not DNS1123_LABEL.fullmatch(str(c.get("name", "")))
+    ]
     return containers, errors
 
 
@@ -221,10 +232,13 @@ def webhook_v2(runtime: dict[str, Any], job: dict[str, Any]) -> list[str]:
     # pkg/webhooks/trainingruntime_webhook.go validateReplicatedJobs: the job labelled
     # ancestor-step=trainer has replicas 1 and a container named "node" (constants.Node)
     jobs = runtime["spec"]["template"]["spec"].get("replicatedJobs", [])
-    trainers = [j for j in jobs if (j["template"].get("metadata") or {}).get("labels", {}).get(ANCESTOR_LABEL) == "trainer"]
+    trainers = [
+        j for j in jobs if (j["template"].get("metadata") or {}).get("labels", {}).get(ANCESTOR_LABEL) == "trainer"
+    ]
     if len(trainers) != 1:
-        errors.append(f"TrainingRuntime: expected one replicatedJob labelled {ANCESTOR_LABEL}: trainer, "
-                      f"found {len(trainers)}")
+        errors.append(
+            f"TrainingRuntime: expected one replicatedJob labelled {ANCESTOR_LABEL}: trainer, found {len(trainers)}"
+        )
     for rjob in trainers:
         path = f"TrainingRuntime.replicatedJobs[{rjob['name']}]"
         if rjob.get("replicas", 1) != 1:
@@ -252,8 +266,9 @@ def webhook_v1(job: dict[str, Any]) -> list[str]:
             errors.append(f"{path}: replica type not supported, expected Master or Worker")
         containers, bad = _containers(replica.get("template") or {}, path)
         errors += bad or ([] if containers else [f"{path}.template.spec.containers: must be specified"])
-        errors += [f"{path}.containers[{i}].image: must be required" for i, c in enumerate(containers)
-                   if not c.get("image")]
+        errors += [
+            f"{path}.containers[{i}].image: must be required" for i, c in enumerate(containers) if not c.get("image")
+        ]
         if "pytorch" not in {c.get("name") for c in containers}:
             errors.append(f"{path}.template.spec.containers: must have at least one container with name pytorch")
         if kind == "Master" and replica.get("replicas") != 1:

@@ -213,7 +213,8 @@ def test_fedavg_sums_in_float64_and_needs_lists_of_one_length():
 def test_the_command_line_says_what_it_takes(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "FedAvg a directory of trained models (weighted by num_examples)" in " ".join(capsys.readouterr().out.split())
+    text = " ".join(capsys.readouterr().out.split())
+    assert "FedAvg a directory of trained models (weighted by num_examples)" in text
     with pytest.raises(SystemExit):
         main(["aggregate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -233,11 +234,16 @@ def test_hidden_entries_of_a_model_set_are_not_members(model_set, tmp_path):
     assert [p["model"] for p in meta["parents"]] == ["0b6e", "7f21"]
 
 
-@pytest.mark.parametrize("arrange, found", [
-    (lambda root: [(root / f"{c}.txt").write_text("x") for c in "fedcba"],
-     "['a.txt', 'b.txt', 'c.txt', 'd.txt', 'e.txt']"),  # the first five in name order, no hint
-    (lambda root: None, "['mnist.pth', 'mnist.xdata-meta.json'] (that is one model, not a model_set)"),
-])
+@pytest.mark.parametrize(
+    "arrange, found",
+    [
+        (
+            lambda root: [(root / f"{c}.txt").write_text("x") for c in "fedcba"],
+            "['a.txt', 'b.txt', 'c.txt', 'd.txt', 'e.txt']",
+        ),  # the first five in name order, no hint
+        (lambda root: None, "['mnist.pth', 'mnist.xdata-meta.json'] (that is one model, not a model_set)"),
+    ],
+)
 def test_stray_files_are_refused_with_the_whole_message(model_set, tmp_path, arrange, found):
     """The first five stray files, and the hint only when a meta among them says the set is one model.
 
@@ -259,4 +265,6 @@ def test_the_command_list_describes_aggregate_in_its_own_words(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert re.search(r"(^| )aggregate FedAvg a directory of trained models \(weighted by num_examples\)( |$)", text), text
+    assert re.search(r"(^| )aggregate FedAvg a directory of trained models \(weighted by num_examples\)( |$)", text), (
+        text
+    )

@@ -402,7 +402,8 @@ def test_launch_clients_numbers_clients_in_one_directory_and_serializes_their_tr
         assert lock and lock.endswith("compute.lock")
 
         model_id = combiner.put_model([np.arange(4, dtype=np.float32)])
-        tasks = [combiner.submit_task(cid, TRAIN, model_id, {"client_settings": {"seconds": 2}}) for cid in ids.values()]
+        settings = {"client_settings": {"seconds": 2}}
+        tasks = [combiner.submit_task(cid, TRAIN, model_id, settings) for cid in ids.values()]
         updates = combiner.wait_for_messages(combiner.updates, tasks, TIMEOUT, "two model updates")
         first, second = sorted(json.loads(u.meta)["window"] for u in updates.values())
         assert first[1] <= second[0], f"train callbacks overlapped: {first} and {second}"

@@ -66,7 +66,9 @@ def test_an_unchanged_shard_is_not_reported_again_when_its_split_grows(tmp_path,
         data.write_shard(tmp_path / "train" / "b.csv", images[5:8], labels[5:8], np.arange(5, 8))
         grown = data.load_split(tmp_path, "train")
     assert len(grown) == 8 and grown.rows_skipped == 1
-    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == ["image is not valid base64 (Only base64 data is allowed)"]
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "image is not valid base64 (Only base64 data is allowed)"
+    ]
 
 
 def test_a_recent_shard_stays_checked_by_content_on_every_hit(tmp_path, mnist5k, monkeypatch):
@@ -93,21 +95,34 @@ def test_labels_are_required_unless_asked_otherwise(tmp_path, mnist5k):
 def test_a_dataset_holds_every_shards_rows_and_the_first_bad_rows(tmp_path, mnist5k):
     images, labels = mnist5k
     for k in range(2):
-        lines = data.write_shard(tmp_path / "s" / f"{k}.csv", images[k * 4 : k * 4 + 4], labels[:4],
-                                 np.arange(4) + 10 * k).read_text().splitlines()
+        lines = (
+            data.write_shard(tmp_path / "s" / f"{k}.csv", images[k * 4 : k * 4 + 4], labels[:4], np.arange(4) + 10 * k)
+            .read_text()
+            .splitlines()
+        )
         (tmp_path / "s" / f"{k}.csv").write_text("\n".join([*lines, *(f"{n},3,!!,,," for n in range(7))]) + "\n")
     dataset = data.load_dataset(tmp_path / "s")
     assert dataset.image_ids.tolist() == [0, 1, 2, 3, 10, 11, 12, 13] and dataset.rows_skipped == 14
     assert len(dataset.bad_rows) == data.WARN_FIRST
-    assert [(b.path.rsplit("/", 1)[1], b.line) for b in dataset.bad_rows[6:]] == [("0.csv", 12), ("1.csv", 6),
-                                                                                  ("1.csv", 7), ("1.csv", 8)]
+    assert [(b.path.rsplit("/", 1)[1], b.line) for b in dataset.bad_rows[6:]] == [
+        ("0.csv", 12),
+        ("1.csv", 6),
+        ("1.csv", 7),
+        ("1.csv", 8),
+    ]
     assert dataset.files == [tmp_path / "s" / "0.csv", tmp_path / "s" / "1.csv"]
 
 
-@pytest.mark.parametrize("rows, message", [
-    (["1,3,!!,,,"], "no valid rows (1 rows skipped; first: {path}:2: image is not valid base64 (Only base64 data is allowed))"),
-    ([], "no valid rows (0 rows skipped)"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (
+            ["1,3,!!,,,"],
+            "no valid rows (1 rows skipped; first: {path}:2: image is not valid base64 (Only base64 data is allowed))",
+        ),
+        ([], "no valid rows (0 rows skipped)"),
+    ],
+)
 def test_a_split_without_a_valid_row_says_so_naming_it(tmp_path, rows, message):
     path = tmp_path / "train" / "s.csv"
     path.parent.mkdir()
@@ -136,7 +151,10 @@ def test_what_the_system_refuses_is_named_with_its_reason(tmp_path, mnist5k, mon
     failing(monkeypatch, data.os, "stat", other)
     with pytest.raises(DataError) as error:
         data.load_split(tmp_path, "train")
-    assert str(error.value) == f"{other}: cannot be read (Permission denied), expected a CSV shard (remove it or rename it)"
+    assert (
+        str(error.value)
+        == f"{other}: cannot be read (Permission denied), expected a CSV shard (remove it or rename it)"
+    )
     monkeypatch.undo()
     data.load_split(tmp_path, "train")
     failing(monkeypatch, data.os, "stat", shard)  # after the listing: the cache's own stat
@@ -176,8 +194,10 @@ def test_a_data_dir_that_is_a_file_says_what_is_expected(tmp_path):
     (tmp_path / "data").write_text("")
     with pytest.raises(DataError) as error:
         data.load_split(tmp_path / "data", "train")
-    assert str(error.value) == (f"{tmp_path / 'data'}: is a file, expected the node's data directory "
-                                "(SCALEOUT_DATA_DIR) holding train/, test/, predict/")
+    assert str(error.value) == (
+        f"{tmp_path / 'data'}: is a file, expected the node's data directory "
+        "(SCALEOUT_DATA_DIR) holding train/, test/, predict/"
+    )
 
 
 def test_a_split_read_without_labels_keeps_its_unlabelled_rows(tmp_path, mnist5k):

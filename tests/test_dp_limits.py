@@ -6,7 +6,6 @@ Through the real EdgeClient (``test_edge.start``) where a node's operator or a s
 
 from __future__ import annotations
 
-
 import logging
 import math
 import re

@@ -292,7 +292,8 @@ def test_predict_writes_one_row_per_image_and_reports_attributes(started, seed_p
 def test_predict_on_labelled_test_split_with_output_override(started, seed_path, node_dir):
     client, runtime = started
     out = node_dir / "elsewhere" / "p.csv"  # a relative output is inside the data directory
-    summary = call(client, client.inference_callback, seed_model(seed_path), {"data": "test", "output": "elsewhere/p.csv"})
+    task = {"data": "test", "output": "elsewhere/p.csv"}
+    summary = call(client, client.inference_callback, seed_model(seed_path), task)
     assert summary["output"] == str(out.resolve())
     assert summary["count"] == 300 == len(read_predictions(out)) and summary["labelled"] == 300
     assert 0 <= summary["accuracy"] <= 1

@@ -232,7 +232,8 @@ def test_root_dockerfile_is_the_pipeline_image_and_an_edge_node():
         transform = json.loads(spec.read_text())["transform"]
         assert transform["image"] == image
         assert transform["cmd"][:3] == ["python3", "-m", "mnist_edge"]
-    assert f'docker build --build-arg GIT_COMMIT="$(git rev-parse HEAD)" -t {image} .' in (REPO / "README.rst").read_text()
+    build = f'docker build --build-arg GIT_COMMIT="$(git rev-parse HEAD)" -t {image} .'
+    assert build in (REPO / "README.rst").read_text()
 
 
 def test_the_image_records_the_commit_it_is_built_from():
@@ -243,7 +244,7 @@ def test_the_image_records_the_commit_it_is_built_from():
     dependencies = next(i for i, (k, a) in enumerate(steps) if k == "RUN" and "-r requirements.txt" in a)
     install = next(i for i, (k, a) in enumerate(steps) if k == "RUN" and "--no-deps /tmp/mnist-edge" in a)
     assert dependencies < declared < install
-    assert '> /tmp/mnist-edge/client/mnist_edge/GIT_COMMIT' in steps[install][1]
+    assert "> /tmp/mnist-edge/client/mnist_edge/GIT_COMMIT" in steps[install][1]
     assert _pyproject()["tool"]["setuptools"]["package-data"]["mnist_edge"] == ["GIT_COMMIT"]
     assert dockerignored("client/mnist_edge/GIT_COMMIT"), "a checkout's stale GIT_COMMIT must not reach the image"
 
@@ -282,10 +283,10 @@ def tables(tmp_path_factory, mnist5k) -> dict[str, Path]:
     sizes = {"a": 150, "b": 60, "c": 90}
     tables, start = {}, 0
     for name, size in sizes.items():
-        rows = order[start:start + size]
+        rows = order[start : start + size]
         tables[name] = data.write_shard(root / f"{name}.csv", images[rows], labels[rows], rows)
         start += size
-    rows = order[start:start + 50]
+    rows = order[start : start + 50]
     tables["predict"] = data.write_shard(root / "predict.csv", images[rows], np.full(50, data.NO_LABEL), rows)
     return tables
 
@@ -338,8 +339,14 @@ def start_script(name: str, run: Path, home: Path, set_run_dir: bool = True, **e
     environment.pop("RUN_DIR", None)
     if set_run_dir:
         environment["RUN_DIR"] = str(run)
-    return subprocess.Popen([str(script)], cwd=run if not set_run_dir else home, env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [str(script)],
+        cwd=run if not set_run_dir else home,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
@@ -439,23 +446,33 @@ def test_aggregate_fedavgs_a_model_set_of_three_trained_models(tmp_path, trained
     weights = {n: metas[n]["num_examples"] for n in names}
     assert sorted(weights.values()) == [60, 90, 150]
     parents = {n: model.load_pth(run / "input" / "models" / n / "mnist.pth") for n in names}
-    expected = [sum(parents[n][k].astype(np.float64) * weights[n] for n in names) / 300
-                for k in range(len(model.expected_shapes()))]
+    expected = [
+        sum(parents[n][k].astype(np.float64) * weights[n] for n in names) / 300
+        for k in range(len(model.expected_shapes()))
+    ]
     got = model.load_pth(out / "mnist.pth")
     assert all(np.allclose(g, e, rtol=0, atol=1e-6) for g, e in zip(got, expected))
-    assert not all(np.allclose(g, np.mean([parents[n][k] for n in names], axis=0), atol=1e-6)
-                   for k, g in enumerate(got)), "the plain mean would pass: weights do not matter"
+    assert not all(
+        np.allclose(g, np.mean([parents[n][k] for n in names], axis=0), atol=1e-6) for k, g in enumerate(got)
+    ), "the plain mean would pass: weights do not matter"
 
     meta = json.loads((out / "mnist.xdata-meta.json").read_text())
-    assert (meta["model_kind"], meta["model_state"], meta["round"], meta["num_examples"]) == \
-        ("mnist", "aggregated", 1, 300)
-    assert meta["parents"] == [{
-        "model": n,
-        "model_sha256": hashlib.sha256((run / "input" / "models" / n / "mnist.pth").read_bytes()).hexdigest(),
-        "data_fingerprint": metas[n]["data_fingerprint"],
-        "num_examples": weights[n],
-        "round": 1,
-    } for n in sorted(names)]
+    assert (meta["model_kind"], meta["model_state"], meta["round"], meta["num_examples"]) == (
+        "mnist",
+        "aggregated",
+        1,
+        300,
+    )
+    assert meta["parents"] == [
+        {
+            "model": n,
+            "model_sha256": hashlib.sha256((run / "input" / "models" / n / "mnist.pth").read_bytes()).hexdigest(),
+            "data_fingerprint": metas[n]["data_fingerprint"],
+            "num_examples": weights[n],
+            "round": 1,
+        }
+        for n in sorted(names)
+    ]
 
 
 def test_two_concurrent_runs_sharing_application_keep_to_their_own_output(tmp_path, trained, tables, home):
@@ -493,7 +510,7 @@ def test_aggregate_refuses_a_model_set_member_of_the_wrong_kind(tmp_path, traine
     meta_file.write_text(json.dumps({**meta, "model_kind": "cifar10"}))
     code, output = run_confined("aggregate", run, home)
     assert code == 2, output
-    assert f"{meta_file}: 'model_kind' must be \"mnist\", got \"cifar10\"" in output
+    assert f'{meta_file}: \'model_kind\' must be "mnist", got "cifar10"' in output
     assert "Traceback" not in output
     assert not (run / "output" / "models" / "mnist.pth").exists()
 
@@ -505,7 +522,7 @@ def run_pipeline(spec: Path, pfs: Path) -> subprocess.CompletedProcess:
     """Run the spec's command with ``/pfs`` moved to a temp directory and this venv's python."""
     command = json.loads(spec.read_text())["transform"]["cmd"]
     assert command[:3] == ["python3", "-m", "mnist_edge"]
-    moved = [str(pfs) + arg[len("/pfs"):] if arg.startswith("/pfs/") else arg for arg in command[1:]]
+    moved = [str(pfs) + arg[len("/pfs") :] if arg.startswith("/pfs/") else arg for arg in command[1:]]
     return subprocess.run([sys.executable, *moved], capture_output=True, text=True, timeout=300)
 
 

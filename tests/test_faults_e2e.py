@@ -59,7 +59,9 @@ def restart_after_sigkill(fleet: Fleet, wait_for) -> None:
     assert node.process.wait(20) == -signal.SIGKILL
     node.start(combiner, POLL)
     combiner.health_check = fleet.check_alive
-    combiner.wait_until(lambda: len(combiner.registrations) > registrations, READY_TIMEOUT, "the client to register again")
+    combiner.wait_until(
+        lambda: len(combiner.registrations) > registrations, READY_TIMEOUT, "the client to register again"
+    )
 
 
 def leftovers(*folders: Path) -> list[Path]:
@@ -79,8 +81,9 @@ def test_a_node_killed_mid_round_rejoins_and_the_next_round_completes(started):
     node, combiner = fleet.nodes[0], fleet.combiner
     killed = combiner.submit_task(node.name, TRAIN, seed_id, {"client_settings": LONG_ROUND}, round_id="r1")
     metrics_before = len(combiner.metrics)
-    restart_after_sigkill(fleet, lambda: combiner.task(killed).status == "RUNNING"
-                          and len(combiner.metrics) > metrics_before)
+    restart_after_sigkill(
+        fleet, lambda: combiner.task(killed).status == "RUNNING" and len(combiner.metrics) > metrics_before
+    )
     assert not combiner.task(killed).done  # the server learns of a killed task only from its own timeout
     uploads = len(combiner.uploads)
 
@@ -142,11 +145,14 @@ def full_predictions(started) -> Iterator[Path]:
     folder = fleet.nodes[0].data_dir / "predictions"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); the RLIMIT_FSIZE test in "
-                    "test_paths.py covers a refused write without root")
+        pytest.skip(
+            f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); the RLIMIT_FSIZE test in "
+            "test_paths.py covers a refused write without root"
+        )
     try:
         filler = folder / "filler"
         with open(filler, "wb") as handle:

@@ -71,20 +71,36 @@ V2_BROKEN = {
 
 V1_BROKEN = {
     "an unknown key": (lambda d: d["PyTorchJob"]["spec"].update(nprocsPerNode="1"), "spec.nprocsPerNode: unknown"),
-    "an unknown key deep in the pod": (lambda d: _v1_container(d).update(imagePullPolicyy="Always"),
-                                       "imagePullPolicyy: unknown field of V1Container"),
-    "an integer for a string": (lambda d: d["PyTorchJob"]["spec"].update(nprocPerNode=1),
-                                "nprocPerNode: expected str, got int"),
-    "a string for an integer": (lambda d: d["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Worker"]
-                                .update(replicas="1"), "Worker.replicas: expected int"),
-    "a container not named pytorch": (lambda d: _v1_container(d, "Worker").update(name="main"),
-                                      "Worker.template.spec.containers: must have at least one container with name pytorch"),
-    "a replica type it does not know": (lambda d: d["PyTorchJob"]["spec"]["pytorchReplicaSpecs"].update(
-        Chief=d["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Worker"]), "Chief: replica type not supported"),
-    "two masters": (lambda d: d["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"].update(replicas=2),
-                    "Master.replicas: must be 1"),
-    "a name that is no DNS label": (lambda d: d["PyTorchJob"]["metadata"].update(name="mnist_edge"),
-                                    "must be an RFC 1035 label"),
+    "an unknown key deep in the pod": (
+        lambda d: _v1_container(d).update(imagePullPolicyy="Always"),
+        "imagePullPolicyy: unknown field of V1Container",
+    ),
+    "an integer for a string": (
+        lambda d: d["PyTorchJob"]["spec"].update(nprocPerNode=1),
+        "nprocPerNode: expected str, got int",
+    ),
+    "a string for an integer": (
+        lambda d: d["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Worker"].update(replicas="1"),
+        "Worker.replicas: expected int",
+    ),
+    "a container not named pytorch": (
+        lambda d: _v1_container(d, "Worker").update(name="main"),
+        "Worker.template.spec.containers: must have at least one container with name pytorch",
+    ),
+    "a replica type it does not know": (
+        lambda d: d["PyTorchJob"]["spec"]["pytorchReplicaSpecs"].update(
+            Chief=d["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Worker"]
+        ),
+        "Chief: replica type not supported",
+    ),
+    "two masters": (
+        lambda d: d["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"].update(replicas=2),
+        "Master.replicas: must be 1",
+    ),
+    "a name that is no DNS label": (
+        lambda d: d["PyTorchJob"]["metadata"].update(name="mnist_edge"),
+        "must be an RFC 1035 label",
+    ),
     "no image": (lambda d: _v1_container(d).update(image=""), "image: must be required"),
     "a missing required field": (lambda d: _v1_container(d).pop("name"), "name"),
 }
@@ -120,8 +136,11 @@ def test_the_published_models_alone_let_an_unknown_key_and_a_wrong_type_through(
 
     docs = copy.deepcopy(documents(TRAINJOB))
     _trainer(docs)["comand"] = ["python"]
-    assert TrainerV1alpha1TrainJob.from_dict(docs["TrainJob"]).spec.trainer.command == ["torchrun", "--module",
-                                                                                         "mnist_edge"]
+    assert TrainerV1alpha1TrainJob.from_dict(docs["TrainJob"]).spec.trainer.command == [
+        "torchrun",
+        "--module",
+        "mnist_edge",
+    ]
     job = _unshared(documents(PYTORCHJOB))["PyTorchJob"]
     job["spec"]["nprocPerNode"] = 1
     assert ApiClient()._ApiClient__deserialize(job, "KubeflowOrgV1PyTorchJob").spec.nproc_per_node == "1"
@@ -150,8 +169,13 @@ def test_torchrun_takes_the_trainjob_command_with_the_variables_trainer_v2_injec
     """torchrun reads PET_* as its defaults: what the Trainer sets on node 1 of 2 reaches it."""
     from torch.distributed.run import get_args_parser
 
-    injected = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "1",
-                "PET_MASTER_ADDR": "mnist-edge-train-node-0-0.mnist-edge-train", "PET_MASTER_PORT": "29500"}
+    injected = {
+        "PET_NNODES": "2",
+        "PET_NPROC_PER_NODE": "1",
+        "PET_NODE_RANK": "1",
+        "PET_MASTER_ADDR": "mnist-edge-train-node-0-0.mnist-edge-train",
+        "PET_MASTER_PORT": "29500",
+    }
     for name, value in injected.items():
         monkeypatch.setenv(name, value)
     args = get_args_parser().parse_args(trainjob_command()[1:])
@@ -165,5 +189,8 @@ def test_torchrun_takes_the_trainjob_command_with_the_variables_trainer_v2_injec
 def test_mnist_edge_takes_the_arguments_both_manifests_give_it(command):
     args = cli.build_parser().parse_args(command)
     assert args.command == "train" and args.func.__name__ == "cmd_train"
-    assert (args.model, args.dataset, args.epochs) == ("s3://master.mnist-models/mnist.pth",
-                                                       "s3://master.mnist-shards/", 3)
+    assert (args.model, args.dataset, args.epochs) == (
+        "s3://master.mnist-models/mnist.pth",
+        "s3://master.mnist-shards/",
+        3,
+    )

@@ -45,27 +45,49 @@ SHAPES = model.expected_shapes()
 ALL_NAMES = list(SHAPES)
 
 
-@pytest.mark.parametrize("state, message", [
-    ([1, 2], "m.pth: expected a state_dict (a dict of tensors), got list"),
-    ({"model_state_dict": {}, "epoch": 3},
-     f"m.pth: state_dict does not match the MNIST CNN; missing {ALL_NAMES}; unexpected ['model_state_dict', 'epoch']"),
-    (changed(fc2__bias=None), "m.pth: state_dict does not match the MNIST CNN; missing ['fc2.bias']"),
-    (good_state() | {f"extra{i}": torch.zeros(1) for i in range(7)},
-     "m.pth: state_dict does not match the MNIST CNN; unexpected ['extra0', 'extra1', 'extra2', 'extra3', 'extra4']"),
-    (changed(fc1__bias=[0.0] * 128), "m.pth: fc1.bias is a list, expected a tensor"),
-    (changed(fc1__bias=torch.empty(128, device="meta")),
-     "m.pth: fc1.bias is a meta tensor, expected a dense tensor of real numbers"),
-    (changed(fc1__bias=quantized(torch.zeros(128))),
-     "m.pth: fc1.bias is a quantized tensor, expected a dense tensor of real numbers"),
-    (changed(fc1__bias=torch.zeros(128).to_sparse()),
-     "m.pth: fc1.bias is a torch.sparse_coo tensor, expected a dense tensor of real numbers"),
-    (changed(fc1__bias=torch.zeros(128, dtype=torch.complex64)),
-     "m.pth: fc1.bias is torch.complex64, expected real numbers (float32)"),
-    (changed(fc1__bias=torch.zeros(128, dtype=torch.bool)), "m.pth: fc1.bias is torch.bool, expected real numbers (float32)"),
-    (changed(fc2__bias=torch.zeros(5)), "m.pth: fc2.bias expected shape (10,), got (5,)"),
-    (changed(fc2__bias=torch.full((10,), float("nan"))),
-     "m.pth: array 7 (fc2.bias) holds 10 non-finite values (NaN or infinity), expected finite weights"),
-])
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ([1, 2], "m.pth: expected a state_dict (a dict of tensors), got list"),
+        (
+            {"model_state_dict": {}, "epoch": 3},
+            f"m.pth: state_dict does not match the MNIST CNN; missing {ALL_NAMES}; "
+            "unexpected ['model_state_dict', 'epoch']",
+        ),
+        (changed(fc2__bias=None), "m.pth: state_dict does not match the MNIST CNN; missing ['fc2.bias']"),
+        (
+            good_state() | {f"extra{i}": torch.zeros(1) for i in range(7)},
+            "m.pth: state_dict does not match the MNIST CNN; "
+            "unexpected ['extra0', 'extra1', 'extra2', 'extra3', 'extra4']",
+        ),
+        (changed(fc1__bias=[0.0] * 128), "m.pth: fc1.bias is a list, expected a tensor"),
+        (
+            changed(fc1__bias=torch.empty(128, device="meta")),
+            "m.pth: fc1.bias is a meta tensor, expected a dense tensor of real numbers",
+        ),
+        (
+            changed(fc1__bias=quantized(torch.zeros(128))),
+            "m.pth: fc1.bias is a quantized tensor, expected a dense tensor of real numbers",
+        ),
+        (
+            changed(fc1__bias=torch.zeros(128).to_sparse()),
+            "m.pth: fc1.bias is a torch.sparse_coo tensor, expected a dense tensor of real numbers",
+        ),
+        (
+            changed(fc1__bias=torch.zeros(128, dtype=torch.complex64)),
+            "m.pth: fc1.bias is torch.complex64, expected real numbers (float32)",
+        ),
+        (
+            changed(fc1__bias=torch.zeros(128, dtype=torch.bool)),
+            "m.pth: fc1.bias is torch.bool, expected real numbers (float32)",
+        ),
+        (changed(fc2__bias=torch.zeros(5)), "m.pth: fc2.bias expected shape (10,), got (5,)"),
+        (
+            changed(fc2__bias=torch.full((10,), float("nan"))),
+            "m.pth: array 7 (fc2.bias) holds 10 non-finite values (NaN or infinity), expected finite weights",
+        ),
+    ],
+)
 def test_a_state_dict_that_is_not_this_cnn_is_refused_saying_why(state, message):
     with pytest.raises(ModelFileError) as error:
         model.state_dict_to_parameters(state, "m.pth")
@@ -107,18 +129,31 @@ def members(arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {f"{i}.npy": a for i, a in enumerate(arrays)}
 
 
-@pytest.mark.parametrize("arrays, message", [
-    (members(params()[:7]), "expected 8 parameter arrays for the MNIST CNN, got 7"),
-    ({"w.npy": np.zeros(3)}, "expected arrays named 0..7, got 'w.npy'"),
-    ({}, "expected 8 parameter arrays for the MNIST CNN, got 0"),
-    ({f"{'n' * 45}{i}.npy": np.zeros(1) for i in range(11)},
-     "expected arrays named 0..7, got " + ", ".join([repr("n" * 40)] * 10)),
-    (members(params()[:7] + [np.zeros(10, np.complex64)]), "array 7 (fc2.bias) is complex64, expected plain numbers"),
-    (members(params()[:7] + [np.zeros(10, np.longdouble)]), "array 7 (fc2.bias) is float128, expected real numbers (float32)"),
-    (members(params()[:7] + [np.zeros(5, np.float32)]), "array 7 (fc2.bias) expected shape (10,), got (5,)"),
-    (members(params()[:7] + [np.full(10, np.inf, np.float32)]),
-     "array 7 (fc2.bias) holds 10 non-finite values (NaN or infinity), expected finite weights"),
-])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (members(params()[:7]), "expected 8 parameter arrays for the MNIST CNN, got 7"),
+        ({"w.npy": np.zeros(3)}, "expected arrays named 0..7, got 'w.npy'"),
+        ({}, "expected 8 parameter arrays for the MNIST CNN, got 0"),
+        (
+            {f"{'n' * 45}{i}.npy": np.zeros(1) for i in range(11)},
+            "expected arrays named 0..7, got " + ", ".join([repr("n" * 40)] * 10),
+        ),
+        (
+            members(params()[:7] + [np.zeros(10, np.complex64)]),
+            "array 7 (fc2.bias) is complex64, expected plain numbers",
+        ),
+        (
+            members(params()[:7] + [np.zeros(10, np.longdouble)]),
+            "array 7 (fc2.bias) is float128, expected real numbers (float32)",
+        ),
+        (members(params()[:7] + [np.zeros(5, np.float32)]), "array 7 (fc2.bias) expected shape (10,), got (5,)"),
+        (
+            members(params()[:7] + [np.full(10, np.inf, np.float32)]),
+            "array 7 (fc2.bias) holds 10 non-finite values (NaN or infinity), expected finite weights",
+        ),
+    ],
+)
 def test_an_npz_that_is_not_this_cnn_is_refused_naming_the_file_and_array(tmp_path, arrays, message):
     path = npz_of(tmp_path / "m.npz", arrays)
     with pytest.raises(ModelFileError) as error:
@@ -126,10 +161,13 @@ def test_an_npz_that_is_not_this_cnn_is_refused_naming_the_file_and_array(tmp_pa
     assert str(error.value) == f"{path}: {message}"
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda blob: b"\x93NUMPY\x03\x00" + blob[8:], ".npy format version (3, 0), expected 1.0 or 2.0"),
-    (lambda blob: blob[:-8], "truncated (248 of 256 bytes)"),  # 2 of its 64 floats missing
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda blob: b"\x93NUMPY\x03\x00" + blob[8:], ".npy format version (3, 0), expected 1.0 or 2.0"),
+        (lambda blob: blob[:-8], "truncated (248 of 256 bytes)"),  # 2 of its 64 floats missing
+    ],
+)
 def test_an_npz_member_of_an_unknown_format_version_or_cut_short_is_refused(tmp_path, change, message):
     with zipfile.ZipFile(npz_of(tmp_path / "m.npz", members(params()))) as archive:
         contents = {name: archive.read(name) for name in archive.namelist()}
@@ -160,7 +198,8 @@ def test_a_saved_npz_is_a_compressed_float32_zip_with_fixed_stamps(tmp_path):
         infos = archive.infolist()
         assert [i.filename for i in infos] == [f"{i}.npy" for i in range(8)]
         assert {(i.compress_type, i.date_time, i.external_attr) for i in infos} == {
-            (zipfile.ZIP_DEFLATED, (1980, 1, 1, 0, 0, 0), 0o644 << 16)}
+            (zipfile.ZIP_DEFLATED, (1980, 1, 1, 0, 0, 0), 0o644 << 16)
+        }
         with archive.open("4.npy") as member:
             assert np.lib.format.read_array(member).dtype == np.float32
     assert path.stat().st_size < 0.95 * 4 * model.PARAMETER_COUNT
@@ -172,8 +211,10 @@ def test_saving_non_finite_weights_is_refused_naming_the_target(tmp_path, save):
     bad[0][0, 0, 0, 0] = np.nan
     with pytest.raises(ModelFileError) as error:
         save(bad, tmp_path / "out")
-    assert str(error.value) == (f"{tmp_path / 'out'}: array 0 (conv1.weight) holds 1 non-finite values (NaN or "
-                                "infinity), expected finite weights")
+    assert str(error.value) == (
+        f"{tmp_path / 'out'}: array 0 (conv1.weight) holds 1 non-finite values (NaN or "
+        "infinity), expected finite weights"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -210,12 +251,17 @@ def test_the_kind_comes_from_the_entries_and_each_loads_its_own(tmp_path):
     assert model.model_file_kind(tmp_path / "nested.zip") == "pth"
 
 
-@pytest.mark.parametrize("entries, message", [
-    (["a.txt", "b.txt", "c.txt", "d.txt", "e.txt"], "a zip archive but not a model file, {expected} (entries "
-                                                    "['a.txt', 'b.txt', 'c.txt', 'd.txt'])"),
-    (["0.npy", "notes.txt"], "a zip archive but not a model file, {expected} (entries ['0.npy', 'notes.txt'])"),
-    (["mydata.pkl"], "a zip archive but not a model file, {expected} (entries ['mydata.pkl'])"),
-])
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        (
+            ["a.txt", "b.txt", "c.txt", "d.txt", "e.txt"],
+            "a zip archive but not a model file, {expected} (entries ['a.txt', 'b.txt', 'c.txt', 'd.txt'])",
+        ),
+        (["0.npy", "notes.txt"], "a zip archive but not a model file, {expected} (entries ['0.npy', 'notes.txt'])"),
+        (["mydata.pkl"], "a zip archive but not a model file, {expected} (entries ['mydata.pkl'])"),
+    ],
+)
 def test_a_zip_that_is_neither_kind_is_refused_listing_its_entries(tmp_path, entries, message):
     path = tmp_path / "m.zip"
     with zipfile.ZipFile(path, "w") as archive:
@@ -237,8 +283,10 @@ def test_a_zip_declaring_more_than_a_model_can_need_is_refused_unread(tmp_path):
             continue
         with pytest.raises(ModelFileError) as error:
             model.model_file_kind(path)
-        assert str(error.value) == (f"{path}: declares {size:,} bytes of contents, more than the "
-                                    f"{model.MAX_MODEL_BYTES:,} a model of this CNN can need")
+        assert str(error.value) == (
+            f"{path}: declares {size:,} bytes of contents, more than the "
+            f"{model.MAX_MODEL_BYTES:,} a model of this CNN can need"
+        )
 
 
 @pytest.mark.parametrize("force_no_weights_only", [False, True])
@@ -254,17 +302,21 @@ def test_a_pth_that_needs_more_than_weights_is_refused_without_running_it(tmp_pa
     torch.save({"conv1.weight": Evil(marker)}, tmp_path / "evil.pth")
     with pytest.raises(ModelFileError) as error:
         model.load_model_file(tmp_path / "evil.pth")
-    assert str(error.value).startswith(f"{tmp_path / 'evil.pth'}: not a state_dict that loads with weights_only=True "
-                                       "(Weights only load failed.")
+    assert str(error.value).startswith(
+        f"{tmp_path / 'evil.pth'}: not a state_dict that loads with weights_only=True (Weights only load failed."
+    )
     assert "\n" not in str(error.value) and not marker.exists()
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("directory", "is a directory, expected a model file (.npz or .pth)"),
-    ("fifo", "is not a regular file (a device, FIFO or socket), expected a model file"),
-    ("missing", "no such model file"),
-    ("pickle", f"not a model file, {model._NOT_A_MODEL} (File is not a zip file)"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("directory", "is a directory, expected a model file (.npz or .pth)"),
+        ("fifo", "is not a regular file (a device, FIFO or socket), expected a model file"),
+        ("missing", "no such model file"),
+        ("pickle", f"not a model file, {model._NOT_A_MODEL} (File is not a zip file)"),
+    ],
+)
 def test_what_is_not_a_model_file_is_refused_before_reading(tmp_path, kind, message):
     path = tmp_path / "m.npz"
     if kind == "directory":
@@ -296,12 +348,20 @@ def signaling_nan(count: int) -> np.ndarray:
     return np.full(count, 0x7FF0000000000001, np.uint64).view(np.float64)
 
 
-@pytest.mark.parametrize("last, message", [
-    (np.full(10, 1e300), "array 7 (fc2.bias) overflows float32 (largest magnitude 1e+300, float32 holds up to 3.4e+38)"),
-    (np.array([0.5] * 9 + [-1e39]),
-     "array 7 (fc2.bias) overflows float32 (largest magnitude 1e+39, float32 holds up to 3.4e+38)"),
-    (signaling_nan(10), "array 7 (fc2.bias) holds 10 non-finite values (NaN or infinity), expected finite weights"),
-])
+@pytest.mark.parametrize(
+    "last, message",
+    [
+        (
+            np.full(10, 1e300),
+            "array 7 (fc2.bias) overflows float32 (largest magnitude 1e+300, float32 holds up to 3.4e+38)",
+        ),
+        (
+            np.array([0.5] * 9 + [-1e39]),
+            "array 7 (fc2.bias) overflows float32 (largest magnitude 1e+39, float32 holds up to 3.4e+38)",
+        ),
+        (signaling_nan(10), "array 7 (fc2.bias) holds 10 non-finite values (NaN or infinity), expected finite weights"),
+    ],
+)
 def test_float64_weights_that_float32_cannot_hold_are_refused_with_one_clean_error(tmp_path, last, message):
     """Finite float64 values past float32's range would become infinity: refused, saying the largest magnitude;
     and the check itself emits no numpy RuntimeWarning on the way (warnings are errors here).
@@ -378,8 +438,6 @@ def test_a_pth_whose_error_has_no_text_is_named_by_the_error_type(tmp_path):
     with pytest.raises(ModelFileError) as error:
         model.load_pth(path)
     assert str(error.value) == f"{path}: not a state_dict that loads with weights_only=True (EOFError)"
-
-
 
 
 DROP_CACHES = "/proc/sys/vm/drop_caches"  # a regular file that only root may write and nobody may read

@@ -81,10 +81,11 @@ def test_no_message_to_the_server_quotes_an_image_or_a_data_row(tmp_path, mnist5
                 data.write_shard(root / "train" / "s.csv", images[100:160], labels[100:160])
             edge_node = node(root, workdir=tmp_path / "work")
             if variant == "all-bad":
-                collect(lambda: edge_node.run("train", seed, {"epochs": 1, "batch_size": 32}), sent)
-            collect(lambda: edge_node.run("validate", seed), sent)
-            collect(lambda: edge_node.run("predict", seed, {}), sent)
-            collect(lambda: edge_node.run("predict", seed, {"data": "test/t.csv", "output": "out.csv"}), sent)
+                collect(lambda edge_node=edge_node: edge_node.run("train", seed, {"epochs": 1, "batch_size": 32}), sent)
+            collect(lambda edge_node=edge_node: edge_node.run("validate", seed), sent)
+            collect(lambda edge_node=edge_node: edge_node.run("predict", seed, {}), sent)
+            task = {"data": "test/t.csv", "output": "out.csv"}
+            collect(lambda edge_node=edge_node, task=task: edge_node.run("predict", seed, task), sent)
             sent += [json.dumps(a) for a in edge_node.runtime.attributes]
             sent += [json.dumps(m["metrics"]) for m in edge_node.runtime.metrics]
         data.clear_cache()

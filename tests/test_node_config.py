@@ -54,11 +54,18 @@ def test_a_missing_client_directory_names_the_path_and_the_variables(root):
     assert "SCALEOUT_DATA_DIR" in message
 
 
-@pytest.mark.parametrize("number, total, named", [
-    ("-1", "2", "CLIENT_NUMBER"), ("x", "2", "CLIENT_NUMBER"), ("1.0", "2", "CLIENT_NUMBER"), (" ", "2", "CLIENT_NUMBER"),
-    ("2", "2", "CLIENT_NUMBER 2 must be below TOTAL_N_CLIENTS 2"), ("0", "0", "TOTAL_N_CLIENTS"),
-    ("0", "two", "TOTAL_N_CLIENTS"),
-])
+@pytest.mark.parametrize(
+    "number, total, named",
+    [
+        ("-1", "2", "CLIENT_NUMBER"),
+        ("x", "2", "CLIENT_NUMBER"),
+        ("1.0", "2", "CLIENT_NUMBER"),
+        (" ", "2", "CLIENT_NUMBER"),
+        ("2", "2", "CLIENT_NUMBER 2 must be below TOTAL_N_CLIENTS 2"),
+        ("0", "0", "TOTAL_N_CLIENTS"),
+        ("0", "two", "TOTAL_N_CLIENTS"),
+    ],
+)
 def test_bad_client_numbers_are_refused_naming_them(root, number, total, named):
     with pytest.raises(NodeConfigError, match=named):
         read({"CLIENT_NUMBER": number, "TOTAL_N_CLIENTS": total}, root)
@@ -75,13 +82,26 @@ def test_clients_sharing_a_box_share_its_cores_unless_they_take_turns(root):
     assert read({**shared, "MNIST_EDGE_THREADS": "3"}, root, cores=8).threads == 3
 
 
-@pytest.mark.parametrize("name, value", [
-    ("MNIST_EDGE_DP_EPSILON", ""), ("MNIST_EDGE_DP_EPSILON", "   "), ("MNIST_EDGE_DP_EPSILON", "nan"),
-    ("MNIST_EDGE_DP_EPSILON", "inf"), ("MNIST_EDGE_DP_EPSILON", "0"), ("MNIST_EDGE_DP_EPSILON", "1e9"),
-    ("MNIST_EDGE_DP_DELTA", "1"), ("MNIST_EDGE_DP_DELTA", ""), ("MNIST_EDGE_DP_ROUNDS", "0"),
-    ("MNIST_EDGE_DP_ROUNDS", "ten"), ("MNIST_EDGE_THREADS", "0"), ("MNIST_EDGE_THREADS", "99999999999999999999"),
-    ("MNIST_EDGE_THREADS", "²"), ("MNIST_EDGE_DIST_TIMEOUT", "0"), ("SCALEOUT_DATA_DIR", ""),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("MNIST_EDGE_DP_EPSILON", ""),
+        ("MNIST_EDGE_DP_EPSILON", "   "),
+        ("MNIST_EDGE_DP_EPSILON", "nan"),
+        ("MNIST_EDGE_DP_EPSILON", "inf"),
+        ("MNIST_EDGE_DP_EPSILON", "0"),
+        ("MNIST_EDGE_DP_EPSILON", "1e9"),
+        ("MNIST_EDGE_DP_DELTA", "1"),
+        ("MNIST_EDGE_DP_DELTA", ""),
+        ("MNIST_EDGE_DP_ROUNDS", "0"),
+        ("MNIST_EDGE_DP_ROUNDS", "ten"),
+        ("MNIST_EDGE_THREADS", "0"),
+        ("MNIST_EDGE_THREADS", "99999999999999999999"),
+        ("MNIST_EDGE_THREADS", "²"),
+        ("MNIST_EDGE_DIST_TIMEOUT", "0"),
+        ("SCALEOUT_DATA_DIR", ""),
+    ],
+)
 def test_a_node_variable_that_is_set_but_unusable_fails_closed_naming_it(tmp_path, name, value):
     """A templating slip (set but empty) never means "no budget": it stops the node, naming the variable."""
     with pytest.raises(NodeConfigError, match=f"environment variable {name} "):

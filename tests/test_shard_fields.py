@@ -137,7 +137,8 @@ def test_each_bad_row_names_the_column_it_failed_in(tmp_path, mnist5k, fast):
     """Mutation: the column recorded for a bad label or image is another name (or None); a short row's line lost."""
     images, labels = mnist5k
     image = b64_raw(images[0])
-    lines = [HEADER, f"x,3,{image},,,", f"7,a,{image},,,", "7,3,AAAA,,,", "7,3", f"8,{labels[1]},{b64_raw(images[1])},,,"]
+    good = f"8,{labels[1]},{b64_raw(images[1])},,,"
+    lines = [HEADER, f"x,3,{image},,,", f"7,a,{image},,,", "7,3,AAAA,,,", "7,3", good]
     shard = data.read_shard(write_lines(tmp_path / "s.csv", lines), fast=fast)
     assert shard.image_ids.tolist() == [8]
     assert [(b.line, b.column, b.reason) for b in shard.bad_rows] == [
@@ -162,17 +163,25 @@ def test_a_row_with_exactly_the_header_columns_is_kept(tmp_path, mnist5k, fast):
 def test_a_signed_id_or_label_is_a_number(tmp_path, mnist5k, fast):
     """Mutation: ``parse_int`` drops two characters after a sign, or no longer knows ``+``."""
     images, _ = mnist5k
-    lines = [HEADER, f"+5,+4,{b64_raw(images[0])},,,", f"-3,3,{b64_raw(images[1])},,,", f"+12,-0,{b64_raw(images[2])},,,"]
+    lines = [
+        HEADER,
+        f"+5,+4,{b64_raw(images[0])},,,",
+        f"-3,3,{b64_raw(images[1])},,,",
+        f"+12,-0,{b64_raw(images[2])},,,",
+    ]
     shard = data.read_shard(write_lines(tmp_path / "s.csv", lines), fast=fast)
     assert shard.rows_skipped == 0
     assert (shard.image_ids.tolist(), shard.labels.tolist()) == ([5, -3, 12], [4, 3, 0])
 
 
-@pytest.mark.parametrize("label, reason", [
-    ("0" * 18 + "12", "label 12 is out of range 0-9"),  # 20 characters: short enough to show
-    ("0" * 19 + "12", "label of 21 characters is out of range 0-9"),
-    (" " + "0" * 19 + "12 ", "label of 21 characters is out of range 0-9"),  # measured without its spaces
-])
+@pytest.mark.parametrize(
+    "label, reason",
+    [
+        ("0" * 18 + "12", "label 12 is out of range 0-9"),  # 20 characters: short enough to show
+        ("0" * 19 + "12", "label of 21 characters is out of range 0-9"),
+        (" " + "0" * 19 + "12 ", "label of 21 characters is out of range 0-9"),  # measured without its spaces
+    ],
+)
 def test_an_out_of_range_label_is_shown_only_when_short(tmp_path, mnist5k, label, reason):
     """Mutation: the value always shown (a 4,000-digit label in a message), ``<`` for ``<=``, or describe(None)."""
     images, _ = mnist5k

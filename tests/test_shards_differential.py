@@ -78,8 +78,8 @@ def mutate(row: list[str], kind: str, value) -> str:
     return ",".join(row)
 
 
-def kind(name: str, values=st.none()):
-    return st.tuples(st.just(name), values)
+def kind(name: str, values=None):
+    return st.tuples(st.just(name), st.none() if values is None else values)
 
 
 MUTATION = st.one_of(

@@ -203,8 +203,8 @@ def format_lineage(found: Found) -> str:
     if code:
         commit = code.get("git_commit")
         dirty = {True: ", uncommitted changes", False: ", clean"}.get(code.get("git_dirty"), "")
-        lines.append(f"code     {_text(code.get('package'))} {_text(code.get('version'))}, git "
-                     + (f"{_text(commit, 64)} ({_text(code.get('commit_from'))}{dirty})" if commit else "commit unknown"))
+        where = f"{_text(commit, 64)} ({_text(code.get('commit_from'))}{dirty})" if commit else "commit unknown"
+        lines.append(f"code     {_text(code.get('package'))} {_text(code.get('version'))}, git {where}")
     runtime = lineage.get("runtime")
     if isinstance(runtime, dict):
         lines.append("runtime  " + ", ".join(f"{_text(k, 20)} {_text(v, 40)}" for k, v in runtime.items()))

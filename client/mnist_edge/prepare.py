@@ -116,7 +116,9 @@ def load_keras_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise SourceError(str(error)) from None
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as error:
         raise SourceError(f"{path}: cannot read as .npz ({error})") from None
-    parts = [check_source(arrays[f"x_{split}"], arrays[f"y_{split}"], f"{path} ({split})") for split in ("train", "test")]
+    parts = [
+        check_source(arrays[f"x_{split}"], arrays[f"y_{split}"], f"{path} ({split})") for split in ("train", "test")
+    ]
     return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
@@ -143,8 +145,10 @@ def check_source(images: np.ndarray, labels: np.ndarray, source: str) -> tuple[n
             raise SourceError(f"{source}: images hold NaN or infinite values")
         images = np.rint(images * 255.0 if images.max() <= 1.0 else images)
     if images.dtype.kind not in "iuf" or images.min() < 0 or images.max() > 255:
-        raise SourceError(f"{source}: image values must be 0-255 (or 0-1 floats), got {images.dtype} "
-                          f"from {images.min()} to {images.max()}")
+        raise SourceError(
+            f"{source}: image values must be 0-255 (or 0-1 floats), got {images.dtype} "
+            f"from {images.min()} to {images.max()}"
+        )
     return images.astype(np.uint8), labels.astype(np.int64)
 
 
@@ -169,11 +173,11 @@ def write_client(
     order = rng.permutation(len(labels))
     n_test = min(max(1, int(round(len(order) * test_fraction))), len(order) - 1) if test_fraction > 0 else 0
     parts = {"test": order[:n_test], "train": order[n_test:]}
-    for split, index in parts.items():
+    for split_name, index in parts.items():
         index = np.sort(index)
         for k, start in enumerate(range(0, len(index), SHARD_ROWS)):
             chunk = index[start : start + SHARD_ROWS]
-            write_shard(out / split / f"shard-{k:03d}.csv", images[chunk], labels[chunk], ids[chunk])
+            write_shard(out / split_name / f"shard-{k:03d}.csv", images[chunk], labels[chunk], ids[chunk])
     return {"train": len(parts["train"]), "test": len(parts["test"]), "labels": label_histogram(labels)}
 
 
@@ -182,8 +186,9 @@ def _clear_previous(out: Path, clients: int) -> None:
     names = {f"client-{i}" for i in range(clients)}
     extra = sorted(p.name for p in out.glob("client-*") if p.is_dir() and p.name not in names)
     if extra:
-        raise SourceError(f"{out}: holds {extra[0]} from an earlier run with more clients; "
-                          "remove it or choose another --out")
+        raise SourceError(
+            f"{out}: holds {extra[0]} from an earlier run with more clients; remove it or choose another --out"
+        )
     for shard in out.glob("client-*/*/shard-*.csv"):
         shard.unlink()
 
@@ -219,9 +224,14 @@ def prepare(
         counts.append(write_client(client_dir, images[part], labels[part], ids[part], test_fraction, rng))
     unused = len(labels) - sum(len(p) for p in parts)
     record = {
-        "source": source, "seed": seed, "partition": partition, "alpha": alpha,
-        "classes_per_client": classes_per_client, "test_fraction": test_fraction,
-        "images_unused": unused, "clients": counts,
+        "source": source,
+        "seed": seed,
+        "partition": partition,
+        "alpha": alpha,
+        "classes_per_client": classes_per_client,
+        "test_fraction": test_fraction,
+        "images_unused": unused,
+        "clients": counts,
     }
     text = json.dumps(record, indent=2) + "\n"
     atomic_write(out / "partition.json", lambda handle: handle.write(text))

@@ -152,8 +152,8 @@ def train_round(
 ) -> tuple[list[np.ndarray], float, dict[int, dict]] | None:
     """Each chosen client trains the global model through its train callback; FedAvg the results.
 
-    A client whose privacy budget refuses the round sits it out. Returns the new global parameters, the clients' training loss
-    weighted by ``num_examples`` (NaN if a client's loss was not finite) and each client's train
+    A client whose privacy budget refuses the round sits it out. Returns the new global parameters, the clients'
+    training loss weighted by ``num_examples`` (NaN if a client's loss was not finite) and each client's train
     metadata; None when every client refused.
     """
     global_model = container.to_scaleout_model(params)
@@ -161,13 +161,20 @@ def train_round(
     for i, client in track(chosen, len(chosen), label, "clients", progress):
         client_settings = {**settings, "seed": round_seed(seed, round_index, i)}
         try:
-            local, meta = runtime.run_task(client, "train", global_model, client_settings,
-                                           model_id=global_model.model_id, round_id=str(round_index))
+            local, meta = runtime.run_task(
+                client,
+                "train",
+                global_model,
+                client_settings,
+                model_id=global_model.model_id,
+                round_id=str(round_index),
+            )
         except privacy.BudgetExceeded:
             continue
         except training.TrainingDiverged as error:
-            raise SimulationError(f"round {round_index}, client-{i}: {error}; "
-                                  "the simulation stopped and wrote no model") from None
+            raise SimulationError(
+                f"round {round_index}, client-{i}: {error}; the simulation stopped and wrote no model"
+            ) from None
         metadata = meta["training_metadata"]
         n = int(metadata["num_examples"])
         results.append((container.params_from(local), n))
