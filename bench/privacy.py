@@ -58,9 +58,9 @@ class PrivateStep:
     def __init__(self, mode: str, batch: int, device: torch.device) -> None:
         self.device = device
         settings = parse_settings({"batch_size": batch, "dp_noise_multiplier": 1.0})
-        plan = dpsgd.RoundPlan(1.0, 1.0, 0.01, 1, 1e-5, batch)
+        plan = dpsgd.RoundPlan(1.0, 1.0, 0.01, 1, 1e-5, batch, settings)
         net = model.new_model(0).to(device).train()
-        self.private = dpsgd.make_private(net, settings, plan, device, mode)
+        self.private = dpsgd.make_private(net, plan, device, mode)
 
     def __call__(self, x_u8: torch.Tensor, y: torch.Tensor) -> None:
         self.private.step(training.to_input(x_u8, self.device), y)

@@ -102,7 +102,7 @@ def test_the_dp_limits_themselves_train_finite_weights(mnist5k, tmp_path, sigma,
     node = NodeConfig.for_data(tmp_path, epsilon=None)
     plan = privacy.plan_round(settings, 200, node.privacy)
     net = model.new_model(0)
-    result, meta = privacy.train_round(net, images[:200], labels[:200], settings, plan, node.privacy,
+    result, meta = privacy.train_round(net, images[:200], labels[:200], plan, node.privacy,
                                        model_id="m", data_fingerprint="f")
     assert meta["dp_noise_multiplier"] == sigma and np.isfinite(meta["dp_epsilon_round"])
     assert all(torch.isfinite(p).all() for p in net.parameters()) and result.batches == plan.steps

@@ -49,26 +49,31 @@ def shard(tmp_path, mnist5k) -> Path:
     return data.write_shard(tmp_path / "train.csv", images[pick], labels[pick], pick)
 
 
-def test_the_spent_budget_survives_a_restart_and_refuses_the_next_round(tmp_path, shard):
+def test_the_spent_budget_survives_a_restart_and_refuses_the_round_after_the_plan(tmp_path, shard):
     path = tmp_path / "node" / LEDGER_NAME
-    one = opacus_epsilon([(1.0, 0.25, 4)])
-    budget = {"MNIST_EDGE_DP_EPSILON": repr((one + opacus_epsilon([(1.0, 0.25, 4)] * 2)) / 2)}
+    budget = {"MNIST_EDGE_DP_EPSILON": "2.5", "MNIST_EDGE_DP_ROUNDS": "2"}
     code, out, err = finish(mnist_edge("train", "--model", tmp_path / "a.pth", "--batch-size", 50,
                                        "--ledger", path, shard, cwd=tmp_path, env=budget))
     assert code == 0, err
     meta = json.loads((tmp_path / "a.xdata-meta.json").read_text())
+    one = opacus_epsilon([(meta["dp_noise_multiplier"], 0.25, 4)])
     assert meta["dp_steps"] == 4 and meta["dp_epsilon_spent"] == pytest.approx(one, rel=1e-12)
+    assert meta["dp_rounds_left"] == 1
 
     code, out, err = finish(mnist_edge("privacy", "--ledger", path, cwd=tmp_path, env=budget))
     assert code == 0, err
     assert "1 charged round(s)" in out and f"epsilon spent {one:.4f}" in out
-    assert f"remaining {float(budget['MNIST_EDGE_DP_EPSILON']) - one:.4f}" in out
+    assert f"remaining {2.5 - one:.4f}" in out and "planned DP rounds left: 1 of 2" in out
 
     code, out, err = finish(mnist_edge("train", "--model", tmp_path / "b.pth", "--batch-size", 50,
                                        "--ledger", path, shard, cwd=tmp_path, env=budget))
-    assert code == 2 and f"error: privacy budget exceeded: spent epsilon {one:.4f}" in err, err
-    assert not (tmp_path / "b.pth").exists()
-    assert len(ledger.read(path).records) == 1
+    assert code == 0, err
+    assert json.loads((tmp_path / "b.xdata-meta.json").read_text())["dp_epsilon_spent"] == pytest.approx(2.5, 2e-3)
+    code, out, err = finish(mnist_edge("train", "--model", tmp_path / "c.pth", "--batch-size", 50,
+                                       "--ledger", path, shard, cwd=tmp_path, env=budget))
+    assert code == 2 and "error: no planned DP round is left (budget epsilon 2.5)" in err, err
+    assert not (tmp_path / "c.pth").exists()
+    assert len(ledger.read(path).records) == 2
 
 
 def test_kill_9_in_the_middle_of_a_round_keeps_its_charge(tmp_path, shard):

@@ -34,6 +34,7 @@ def charge(path: Path, sigma: float = 1.0, **changes) -> ledger.Charged:
 
 def env_client(tmp_path, monkeypatch, node_dir, epsilon: float = 50.0):
     monkeypatch.setenv("MNIST_EDGE_DP_EPSILON", repr(epsilon))
+    monkeypatch.setenv("MNIST_EDGE_DP_ROUNDS", "1000")  # the tests charge many records before the node's rounds
     return start(tmp_path, monkeypatch, node_dir)
 
 
@@ -131,7 +132,7 @@ plan = privacy.plan_round(settings, len(shard["labels"]), limits)
 batches = []
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 try:
-    privacy.train_round(new_model(0), shard["images"], shard["labels"], settings, plan, limits, model_id="m",
+    privacy.train_round(new_model(0), shard["images"], shard["labels"], plan, limits, model_id="m",
                         data_fingerprint="f", on_batch=lambda: batches.append(1))
     print(json.dumps({"error": None, "batches": len(batches)}))
 except privacy.PrivacyError as error:

@@ -1,7 +1,7 @@
-"""`simulate --dp-budget`: every simulated node keeps its own ledger; a spent node sits rounds out.
+"""`simulate --dp-budget`: every simulated node plans and keeps its own budget; a spent node sits rounds out.
 
-Two clients of different size (100 and 400 real training images) train with the same σ, so the
-small one spends its budget faster. Expected ε values come from Opacus's ``RDPAccountant``.
+Two clients of different size (100 and 400 real training images) plan the same budget over the same
+rounds, so the small one needs more noise a round. Expected ε values come from Opacus's ``RDPAccountant``.
 """
 
 from __future__ import annotations
@@ -20,20 +20,14 @@ from mnist_edge.node import LEDGER_NAME
 from mnist_edge.simulate import NODES_DIR
 
 BUDGET = 6.0
-ROUND = {"client-0": (1.0, 50 / 100, 2), "client-1": (1.0, 50 / 400, 8)}  # sigma, q, steps at batch 50
+PLANNED = 3  # --dp-rounds
+ROUND = {"client-0": (50 / 100, 2), "client-1": (50 / 400, 8)}  # q, steps at batch 50
 
 
-def spent(client: str, rounds: int) -> float:
+def spent(client: str, sigmas: list[float]) -> float:
     accountant = RDPAccountant()
-    accountant.history = [ROUND[client]] * rounds
+    accountant.history = [(sigma, *ROUND[client]) for sigma in sigmas]
     return accountant.get_epsilon(1e-5)
-
-
-def rounds_within_budget(client: str) -> int:
-    rounds = 0
-    while spent(client, rounds + 1) <= BUDGET:
-        rounds += 1
-    return rounds
 
 
 @pytest.fixture(scope="module")
@@ -47,35 +41,33 @@ def clients_dir(tmp_path_factory, mnist5k) -> Path:
 
 def simulate(clients_dir: Path, out: Path, capsys) -> tuple[list[dict], str]:
     args = ["simulate", "--data", clients_dir, "--out", out, "--rounds", 6, "--batch-size", 50, "--no-progress",
-            "--dp-noise-multiplier", 1.0, "--dp-budget", BUDGET]
+            "--dp-budget", BUDGET, "--dp-rounds", PLANNED]
     assert main(list(map(str, args))) == 0
     with open(out / "history.csv", newline="") as handle:
         return list(csv.DictReader(handle)), capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_each_node_spends_its_own_budget_and_sits_out_once_it_is_spent(clients_dir, tmp_path, capsys):
-    small, large = rounds_within_budget("client-0"), rounds_within_budget("client-1")
-    assert 1 <= small < large < 6  # the setup this test needs
+def test_each_node_plans_its_own_budget_and_sits_out_once_its_rounds_are_served(clients_dir, tmp_path, capsys):
     rows, printed = simulate(clients_dir, tmp_path / "run", capsys)
 
     trained = rows[1:]
-    assert len(trained) == large  # then both budgets refuse and the simulation stops
-    assert f"round {large + 1}: every chosen client's privacy budget refused it; stopping" in printed
-    for number, row in enumerate(trained, start=1):
-        both = number <= small
-        assert row["clients"] == ("0 1" if both else "1") and row["refused"] == ("" if both else "0")
-        assert float(row["dp_epsilon_spent"]) == pytest.approx(
-            max(spent("client-0", number) if both else 0.0, spent("client-1", number)), rel=1e-6)
-        assert float(row["dp_epsilon_round"]) == pytest.approx(
-            spent("client-0" if both else "client-1", 1), rel=1e-6)
-    assert f"epsilon spent {float(trained[0]['dp_epsilon_spent']):.3f}" in printed and "refused: 0" in printed
-
-    for client, expected in (("client-0", small), ("client-1", large)):
+    assert len(trained) == PLANNED  # then both nodes refuse and the simulation stops
+    assert f"round {PLANNED + 1}: every chosen client's privacy budget refused it; stopping" in printed
+    sigmas = {}
+    for client in ROUND:
         records = ledger.read(tmp_path / "run" / NODES_DIR / client / LEDGER_NAME).records
-        assert len(records) == expected and records[-1].epsilon_total == pytest.approx(spent(client, expected))
+        sigmas[client] = [r.noise_multiplier for r in records]
+        assert len(records) == PLANNED
+        assert records[-1].epsilon_total == pytest.approx(spent(client, sigmas[client]), rel=1e-9)
+        assert records[-1].epsilon_total <= BUDGET and records[-1].epsilon_total == pytest.approx(BUDGET, rel=2e-3)
+    assert sigmas["client-0"][0] > sigmas["client-1"][0]  # fewer images: more noise for the same budget
+    for number, row in enumerate(trained, start=1):
+        assert row["clients"] == "0 1" and row["refused"] == ""
+        assert float(row["dp_epsilon_spent"]) == pytest.approx(
+            max(spent(client, sigmas[client][:number]) for client in ROUND), rel=1e-6)
+    assert f"epsilon spent {float(trained[0]['dp_epsilon_spent']):.3f}" in printed
     assert imread(tmp_path / "run" / "curves.png").shape[1] == 1500  # a third panel: epsilon per round
 
     again, _ = simulate(clients_dir, tmp_path / "run", capsys)  # a new federation: fresh ledgers
     assert [r["clients"] for r in again] == [r["clients"] for r in rows]
-

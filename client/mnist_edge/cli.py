@@ -15,9 +15,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from .errors import UserError
-from .node import DEFAULT_DELTA, DP_DELTA, DP_EPSILON, LEDGER_NAME, STATE_DIR
+from .node import DEFAULT_DELTA, DP_DELTA, DP_EPSILON, DP_ROUNDS, LEDGER_NAME, STATE_DIR
 from .partition import PARTITIONS
-from .settings import DP_SETTINGS, TrainSettings
+from .settings import DP_ROUND_DEFAULTS, DP_SETTINGS, TrainSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +65,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     history = simulate(args.data, args.rounds, args.out, epochs=args.epochs, batch_size=args.batch_size,
                        learning_rate=args.learning_rate, clients_per_round=args.clients_per_round,
                        seed=args.seed, init=args.init, progress=not args.no_progress,
-                       dp_settings=_dp_settings(args), dp_budget=args.dp_budget, dp_delta=args.dp_delta)
+                       dp_settings=_dp_settings(args), dp_budget=args.dp_budget, dp_delta=args.dp_delta,
+                       dp_rounds=args.dp_rounds)
     final = history[-1]
     print(f"final global test_accuracy {final.test_accuracy:.4f} after {final.round} rounds")
     print(f"curves: {args.out / 'curves.png'}  history: {args.out / 'history.csv'}  "
@@ -76,7 +77,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from . import node, standalone
 
-    settings = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name) is not None}
+    settings = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
     local = None if args.dataset.startswith("s3://") else standalone.dataset_directory(args.dataset)
     limits = node.privacy_from(os.environ, local, Path.cwd(), None if args.ledger is None else args.ledger.absolute())
     _configure_process()
@@ -175,10 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("simulate", help="run a FedAvg federation over prepared clients on this machine")
     p.add_argument("--data", type=Path, required=True, help="`prepare` output (client-<i>/...)")
     p.add_argument("--rounds", type=int, required=True, help="federated rounds")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="local epochs per round (default 1)")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="local batch size (default 64)")
-    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
-                   help="Adadelta learning rate (default 1.0)")
+    # Unset: the round settings' defaults (a DP round's are the node's DP defaults, privacy.DP_ROUND_DEFAULTS)
+    p.add_argument("--epochs", type=int, help=f"local epochs per round (default {defaults.epochs})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"local batch size (default {defaults.batch_size}; "
+                        f"DP rounds: {DP_ROUND_DEFAULTS['batch_size']})")
+    p.add_argument("--learning-rate", type=float,
+                   help=f"learning rate (default {defaults.learning_rate:g} for Adadelta; DP rounds: "
+                        f"{DP_ROUND_DEFAULTS['learning_rate']:g} for plain SGD)")
     p.add_argument("--clients-per-round", type=int, default=None, help="clients drawn per round (default all)")
     p.add_argument("--seed", type=int, default=0, help="initial model, client sampling and local shuffling")
     p.add_argument("--init", type=Path, default=None, help="start from this seed/global .npz")
@@ -189,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"every client's node budget ({DP_EPSILON}): with it every round runs DP-SGD")
     p.add_argument("--dp-delta", type=float, metavar="DELTA",
                    help=f"every client's {DP_DELTA} (default {DEFAULT_DELTA:g})")
+    p.add_argument("--dp-rounds", type=int, metavar="N",
+                   help=f"every client's {DP_ROUNDS}: the DP rounds a budget is planned for (default --rounds)")
     p.set_defaults(func=cmd_simulate)
 
     p = commands.add_parser("train", help="train the CNN on a CSV shard or directory; write a .pth")

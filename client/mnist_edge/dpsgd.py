@@ -1,19 +1,22 @@
 """DP-SGD for one round with Opacus's own pieces, and nothing written by hand.
 
-Poisson sampling of each batch with rate q (``DPDataLoader``), per-sample clipping to C and Gaussian
-noise σ·C (ghost clipping: ``GradSampleModuleFastGradientClipping`` with
-``DPOptimizerFastGradientClipping`` and ``DPLossFastGradientClipping``, the fastest mode on this CNN,
-see ``bench/privacy.py``). DP rounds compute in float32: bf16 autocast runs, but per-sample norms in
-bf16 (8 significant bits) would make the clip to C, and so the privacy guarantee, approximate.
-Sampling and noise come from the operating system's entropy, never from the round's ``seed``: a
-server that knew them could replay the batches and subtract the noise.
+Poisson sampling of each batch with rate q (``DPDataLoader``), per-sample clipping to C and
+Gaussian noise σ·C on the layers the round trains: every layer but :data:`FROZEN` (the classifier
+``fc2`` keeps the global model's values and takes no noise), with dropout off. Ghost clipping
+(``GradSampleModuleFastGradientClipping`` with ``DPOptimizerFastGradientClipping`` and
+``DPLossFastGradientClipping``) is the fastest mode on this CNN, see ``bench/privacy.py``.
+DP rounds compute in float32: bf16 autocast runs, but per-sample norms in bf16 (8 significant
+bits) would make the clip to C, and so the privacy guarantee, approximate. Sampling and noise
+come from the operating system's entropy, never from the round's ``seed``: a server that knew
+them could replay the batches and subtract the noise.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +32,8 @@ from .settings import TrainSettings
 
 GRAD_SAMPLE_MODE = "ghost"
 PRECISION = "fp32"
+FROZEN = ("fc2",)
+"""Layers a DP round does not train (``bench/privacy.py --ideas``: the noise lands on fewer weights)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class RoundPlan:
     steps: int
     delta: float
     expected_batch_size: int
+    settings: TrainSettings  # what the round trains with: the round's own, the node's DP defaults elsewhere
+    rounds_left: int | None = None  # planned DP rounds left after this one; None: no budget to plan
 
 
 class _Images(torch.utils.data.Dataset):
@@ -93,15 +100,20 @@ class PrivateTraining:
         return self.module.to_standard_module()
 
 
-def make_private(net: nn.Module, settings: TrainSettings, plan: RoundPlan, device: torch.device,
+def make_private(net: nn.Module, plan: RoundPlan, device: torch.device,
                  mode: str = GRAD_SAMPLE_MODE) -> PrivateTraining:
-    """Wrap ``net`` (on ``device``) with Opacus for ``plan``; ``mode`` is a ``grad_sample_mode``."""
+    """Wrap ``net`` (on ``device``) with Opacus for ``plan``; ``mode`` is a ``grad_sample_mode``.
+
+    Only the parameters that require a gradient are clipped, noised and stepped (see :func:`round_layers`).
+    """
+    settings = plan.settings
     ghost = mode == "ghost"
     extra = {"max_grad_norm": plan.max_grad_norm, "use_ghost_clipping": True} if ghost else {}
     module = prepare_module(net, mode, batch_first=True, loss_reduction="mean", **extra)
     module.forbid_grad_accumulation()  # Poisson sampling: one backward per step
     optimizer_class = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
-    inner = training.make_optimizer(settings.optimizer, net.parameters(), settings.learning_rate)
+    trained = [p for p in net.parameters() if p.requires_grad]
+    inner = training.make_optimizer(settings.optimizer, trained, settings.learning_rate)
     optimizer = optimizer_class(inner,
                                 noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
                                 expected_batch_size=plan.expected_batch_size, loss_reduction="mean",
@@ -111,25 +123,45 @@ def make_private(net: nn.Module, settings: TrainSettings, plan: RoundPlan, devic
     return PrivateTraining(module, optimizer, criterion)
 
 
+@contextmanager
+def round_layers(net: nn.Module, frozen: tuple[str, ...] = FROZEN) -> Iterator[None]:
+    """``frozen`` layers take no gradient and dropout is off for the round; both restored after.
+
+    The CNN is the node's and trains the next round (DP or not) as it was.
+    """
+    params = [p for name in frozen for p in getattr(net, name).parameters()]
+    dropouts = [m for m in net.modules() if isinstance(m, nn.Dropout)]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for m in dropouts:
+            m.eval()
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        for m in dropouts:
+            m.train()
+
+
 def train_private(
     net: nn.Module,
     images: np.ndarray,
     labels: np.ndarray,
-    settings: TrainSettings,
     plan: RoundPlan,
     on_batch: training.Hook = None,
     on_metrics: training.MetricsHook = None,
     device: torch.device | None = None,
 ) -> training.TrainResult:
-    """DP-SGD for ``plan.steps`` Poisson-sampled batches; the hooks as in :func:`training.train`.
+    """DP-SGD for ``plan.steps`` Poisson-sampled batches with ``plan.settings``; hooks as in :func:`training.train`.
 
     ``on_batch`` runs before every batch (abort checks), ``on_metrics`` every
-    ``training.LOG_EVERY_BATCHES`` batches and at every epoch's end. ``settings.seed`` fixes
-    dropout only. An empty batch (Poisson sampling allows it) still takes its noisy step.
+    ``training.LOG_EVERY_BATCHES`` batches and at every epoch's end. Sampling and noise are secret,
+    so ``settings.seed`` changes nothing here. An empty batch (Poisson sampling allows it) still
+    takes its noisy step.
     """
     device = device or hardware.select_device()
-    if settings.seed is not None:
-        torch.manual_seed(settings.seed)  # dropout masks; sampling and noise stay secret
+    settings = plan.settings
     x_all = torch.from_numpy(np.ascontiguousarray(images))
     y_all = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
     loader = DPDataLoader(_Images(x_all, y_all), sample_rate=plan.sample_rate, collate_fn=_as_batch,
@@ -137,13 +169,14 @@ def train_private(
     if len(loader) * settings.epochs != plan.steps:
         raise AssertionError(f"planned {plan.steps} steps, the sampler draws {len(loader)} per epoch")
     net.to(device).train()
-    private = make_private(net, settings, plan, device)
-    try:
-        with warnings.catch_warnings():  # the first conv's input needs no gradient: torch says so every step
-            warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
-            loss, accuracy, batches = _epochs(private, loader, settings.epochs, device, on_batch, on_metrics)
-    finally:
-        private.close()
+    with round_layers(net):
+        private = make_private(net, plan, device)
+        try:
+            with warnings.catch_warnings():  # the first conv's input needs no gradient: torch says so every step
+                warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+                loss, accuracy, batches = _epochs(private, loader, settings.epochs, device, on_batch, on_metrics)
+        finally:
+            private.close()
     training.check_finite_weights(net, batches)
     return training.TrainResult(len(y_all), loss, accuracy, batches, PRECISION)
 

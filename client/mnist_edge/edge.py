@@ -116,8 +116,9 @@ class EdgeTasks:
         if plan is None:
             result, dp_metadata = training.train(self.net, dataset.images, dataset.labels, settings, **hooks), {}
         else:
+            settings = plan.settings  # the node's DP defaults where the round did not say
             result, dp_metadata = privacy.train_round(
-                self.net, dataset.images, dataset.labels, settings, plan, node.privacy,
+                self.net, dataset.images, dataset.labels, plan, node.privacy,
                 model_id=model_id, data_fingerprint=dataset.fingerprint, **hooks)
         metadata = report.training_metadata(result, settings, requested, dataset, dp_metadata)
         log.info("trained %d images for %d epoch(s): loss %.4f, accuracy %.4f",

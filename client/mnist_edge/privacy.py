@@ -8,6 +8,13 @@ not take in full, fails before any training, so no update leaves the node. A rou
 settings can only add noise: they decide σ and C (within bounds where the accounting stays
 finite), the node decides δ (below 1/n) and the total ε.
 
+A budget is planned: the node serves ``MNIST_EDGE_DP_ROUNDS`` DP rounds, and before each one σ is
+the least noise that lets this round and every planned round after it fit what the ledger has
+left (:mod:`mnist_edge.dpplan`). A round may ask for more noise, never get less. How a DP round
+trains is the node's unless the round says otherwise: :data:`DP_ROUND_DEFAULTS` and
+:data:`DEFAULT_MAX_GRAD_NORM` (plain SGD, a small clip, large Poisson batches), with
+:data:`mnist_edge.dpsgd.FROZEN` layers kept and dropout off; ``bench/privacy.py`` measured each.
+
 Accounting is Opacus's RDP accountant with the sampling it assumes: Poisson sampling of each batch
 with rate q = batch_size / n; σ for a ``dp_epsilon`` target comes from ``get_noise_multiplier``.
 The training itself is :mod:`mnist_edge.dpsgd`.
@@ -15,6 +22,7 @@ The training itself is :mod:`mnist_edge.dpsgd`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -25,15 +33,16 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
-from . import dpsgd, ledger, training
+from . import dpplan, dpsgd, ledger, training
 from .dpsgd import RoundPlan
 from .ledger import BudgetExceeded, ChargeFailed, LedgerError, PrivacyError  # noqa: F401  (the errors callers catch)
 from .node import PrivacyLimits
-from .settings import DP_RANGES, TrainSettings
+from .settings import DP_RANGES, DP_ROUND_DEFAULTS, TrainSettings
 
 log = logging.getLogger("mnist_edge")
 DEFAULT_NOISE_MULTIPLIER = 1.0
-DEFAULT_MAX_GRAD_NORM = 1.0
+"""σ of a round a task asks for on a node with no budget to plan from."""
+DEFAULT_MAX_GRAD_NORM = 0.1
 # Where Opacus's accountant and the clip stay finite and quick (σ 1e-300 divides by zero, 1e308
 # overflows; σ·C is the noise's scale): the round settings' bounds, checked again for a plan built
 # without parse_settings and for the σ a ``dp_epsilon`` target asks for.
@@ -67,22 +76,33 @@ def _bounded(name: str, value: float | None, low: float, high: float) -> None:
                            "and the clip stay finite; refused before charging")
 
 
+def dp_round_settings(settings: TrainSettings) -> TrainSettings:
+    """``settings`` with :data:`DP_ROUND_DEFAULTS` for every key the round did not set itself."""
+    return dataclasses.replace(settings, **{k: v for k, v in DP_ROUND_DEFAULTS.items() if k not in settings.given})
+
+
 def plan_round(settings: TrainSettings, n: int, budget: PrivacyLimits) -> RoundPlan | None:
     """The round's DP parameters, or None when DP is off (no node budget and no ``dp_*`` setting).
 
-    σ is ``dp_noise_multiplier`` (default 1.0); with ``dp_epsilon`` Opacus computes the σ that
-    reaches it at the node's δ, and when both are set the larger σ (more noise) wins. Refused
-    (:class:`PrivacyError`, before anything is charged): δ >= 1/n, a σ or C outside its bounds, a
-    round the accountant cannot give a finite ε for.
+    With a budget σ is planned (:func:`planned_sigma`); without one it is ``dp_noise_multiplier``
+    (default 1.0). With ``dp_epsilon`` Opacus computes the σ that reaches it at the node's δ; the
+    largest σ (most noise) wins. Refused (:class:`PrivacyError`, before anything is charged): δ >=
+    1/n, a σ or C outside its bounds, a round the accountant cannot give a finite ε for, a budget
+    with no planned round left or too little left for them.
     """
     if budget.epsilon is None and not settings.asks_for_dp:
         return None
     check_delta(budget.delta, n)
     _bounded("dp_noise_multiplier", settings.dp_noise_multiplier, MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER)
     _bounded("dp_max_grad_norm", settings.dp_max_grad_norm, MIN_MAX_GRAD_NORM, MAX_MAX_GRAD_NORM)
+    settings = dp_round_settings(settings)
     sample_rate = min(1.0, settings.batch_size / n)
     steps = settings.epochs * steps_per_epoch(n, sample_rate)
-    sigma = settings.dp_noise_multiplier
+    sigma, rounds_left, source = settings.dp_noise_multiplier, None, "dp_noise_multiplier"
+    if budget.epsilon is not None:
+        planned, rounds_left = planned_sigma(budget, sample_rate, steps)
+        if sigma is None or planned > sigma:
+            sigma, source = planned, "the node's budget plan"
     if settings.dp_epsilon is not None:
         try:
             target = get_noise_multiplier(target_epsilon=settings.dp_epsilon, target_delta=budget.delta,
@@ -94,12 +114,35 @@ def plan_round(settings: TrainSettings, n: int, budget: PrivacyLimits) -> RoundP
         if target > MAX_NOISE_MULTIPLIER:
             raise PrivacyError(f"setting 'dp_epsilon' {settings.dp_epsilon:g} needs sigma {target:.4g}, above the "
                                f"largest dp_noise_multiplier {MAX_NOISE_MULTIPLIER:g}: ask for a larger epsilon")
-        sigma = max(sigma or 0.0, target)
+        if sigma is None or target > sigma:
+            sigma, source = target, "dp_epsilon"
     plan = RoundPlan(sigma or DEFAULT_NOISE_MULTIPLIER, settings.dp_max_grad_norm or DEFAULT_MAX_GRAD_NORM,
-                     sample_rate, steps, budget.delta, min(settings.batch_size, n))
+                     sample_rate, steps, budget.delta, min(settings.batch_size, n), settings, rounds_left)
     ledger.round_rdp(plan.noise_multiplier, plan.sample_rate, plan.steps)  # finite, or refused; cached for the charge
-    _check_accountable(plan, "dp_epsilon" if settings.dp_epsilon is not None else "dp_noise_multiplier")
+    _check_accountable(plan, source)
     return plan
+
+
+def planned_sigma(budget: PrivacyLimits, sample_rate: float, steps: int) -> tuple[float, int]:
+    """The σ that lets the node's planned rounds left fit its budget, and the rounds left after this one.
+
+    The ledger says what is spent and how many rounds were charged; with none of the planned
+    ``budget.rounds`` left, or too little budget for them, the round is refused naming the variables.
+    """
+    found = ledger.read(budget.ledger) if budget.ledger is not None else None
+    charged = 0 if found is None else found.count
+    left = dpplan.rounds_left(budget.rounds, charged)
+    spent_rdp = np.zeros(len(ledger.ORDERS)) if found is None else found.rdp_total
+    try:
+        sigma = dpplan.plan_sigma(budget=budget.epsilon, delta=budget.delta, spent_rdp=spent_rdp, rounds=left,
+                                  sample_rate=sample_rate, steps=steps)
+    except dpplan.PlanError as error:
+        raise BudgetExceeded(f"{error}; this node planned {budget.rounds} DP round(s) "
+                             f"(MNIST_EDGE_DP_ROUNDS) and has charged {charged}") from None
+    if sigma > MAX_NOISE_MULTIPLIER:
+        raise BudgetExceeded(f"the {left} planned DP round(s) left need sigma {sigma:.4g} to fit the budget epsilon "
+                             f"{budget.epsilon:g}, above the largest {MAX_NOISE_MULTIPLIER:g}: the budget is spent")
+    return max(sigma, MIN_NOISE_MULTIPLIER), left - 1
 
 
 def _check_accountable(plan: RoundPlan, source: str) -> None:
@@ -122,15 +165,18 @@ def _check_accountable(plan: RoundPlan, source: str) -> None:
                            "nothing was charged")
 
 
-def round_metadata(charged: ledger.Charged) -> dict[str, float | int | str]:
+def round_metadata(charged: ledger.Charged, rounds_left: int | None = None) -> dict[str, float | int | str]:
     """The numbers a server needs to audit the round, as plain JSON values.
+
+    ``dp_rounds_left``: the node's planned DP rounds left after this one (only with a budget).
 
     ``dp_ledger_records`` and ``dp_ledger_head`` (the sha256 of this round's record) are the
     ledger's head after the charge: a server that sees a node's count or ``dp_epsilon_spent`` go
     back has seen its ledger rolled back.
     """
     record = charged.record
-    return {"dp_epsilon_round": record.epsilon_round, "dp_epsilon_spent": record.epsilon_total,
+    left = {} if rounds_left is None else {"dp_rounds_left": rounds_left}
+    return {**left, "dp_epsilon_round": record.epsilon_round, "dp_epsilon_spent": record.epsilon_total,
             "dp_delta": record.delta, "dp_noise_multiplier": record.noise_multiplier,
             "dp_max_grad_norm": record.max_grad_norm, "dp_sample_rate": record.sample_rate,
             "dp_steps": record.steps, "dp_ledger_records": charged.records, "dp_ledger_head": charged.head}
@@ -140,7 +186,6 @@ def train_round(
     net: nn.Module,
     images: np.ndarray,
     labels: np.ndarray,
-    settings: TrainSettings,
     plan: RoundPlan,
     limits: PrivacyLimits,
     *,
@@ -150,7 +195,7 @@ def train_round(
     on_metrics: training.MetricsHook = None,
     device: torch.device | None = None,
 ) -> tuple[training.TrainResult, dict[str, float]]:
-    """One DP round as ``plan`` says: charge the ledger first, then DP-SGD.
+    """One DP round as ``plan`` says (its settings included): charge the ledger first, then DP-SGD.
 
     Returns the result and the ``dp_*`` metadata. Raises :class:`BudgetExceeded` (nothing trained,
     nothing charged), :class:`ChargeFailed` (the disk refused the record: nothing trained) or
@@ -167,8 +212,8 @@ def train_round(
     log.info("DP round charged: epsilon %.4f (sigma %.4g, C %g, q %.4g, %d steps, delta %g); spent %.4f, %s",
              record.epsilon_round, plan.noise_multiplier, plan.max_grad_norm, plan.sample_rate, plan.steps,
              plan.delta, record.epsilon_total, budget_text)
-    result = dpsgd.train_private(net, images, labels, settings, plan, on_batch, on_metrics, device)
-    return result, round_metadata(charged)
+    result = dpsgd.train_private(net, images, labels, plan, on_batch, on_metrics, device)
+    return result, round_metadata(charged, plan.rounds_left)
 
 
 def describe(limits: PrivacyLimits, full: bool = False) -> str:
@@ -192,5 +237,7 @@ def describe(limits: PrivacyLimits, full: bool = False) -> str:
     if limits.epsilon is None:
         lines.append("budget: none (MNIST_EDGE_DP_EPSILON is not set): DP runs only when a round asks for it")
     else:
-        lines.append(f"budget epsilon {limits.epsilon:g}; remaining {max(limits.epsilon - found.spent, 0.0):.4f}")
+        left = dpplan.rounds_left(limits.rounds, found.count)
+        lines.append(f"budget epsilon {limits.epsilon:g}; remaining {max(limits.epsilon - found.spent, 0.0):.4f}; "
+                     f"planned DP rounds left: {left} of {limits.rounds} (MNIST_EDGE_DP_ROUNDS)")
     return "\n".join(lines)

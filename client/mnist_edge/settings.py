@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import UserError
@@ -31,6 +31,9 @@ DP_RANGES = {"dp_noise_multiplier": (1e-6, 100.0), "dp_max_grad_norm": (1e-6, 10
 """Each ``dp_*`` setting's (exclusive low or inclusive low, high). σ and C within these keep Opacus's RDP
 accountant finite (σ = 1e-200 divides by zero there, 1e200 overflows), and σ·C at most 10,000 keeps a
 step's noise finite in float32 (σ = 1e154 would charge ε = 0 and then fill the weights with inf)."""
+DP_ROUND_DEFAULTS = {"optimizer": "sgd", "learning_rate": 16.0, "batch_size": 200}
+"""What a DP round trains with where the round's settings do not say (``bench/privacy.py --ideas``):
+plain SGD (noise swamps an adaptive optimizer's second moments) and large Poisson batches."""
 NODE_OWNED = {"dp_delta": "MNIST_EDGE_DP_DELTA", "dp_budget": "MNIST_EDGE_DP_EPSILON"}
 
 
@@ -52,6 +55,8 @@ class TrainSettings:
     dp_noise_multiplier: float | None = None
     dp_max_grad_norm: float | None = None
     dp_epsilon: float | None = None
+    # The keys the round set itself: a DP round takes the node's DP defaults for the others (privacy.py).
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     @property
     def asks_for_dp(self) -> bool:
@@ -59,7 +64,7 @@ class TrainSettings:
         return any(getattr(self, key) is not None for key in DP_SETTINGS)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if key != "given"}
 
 
 _RULES: dict[str, str] = {
@@ -131,7 +136,7 @@ def parse_settings(raw: Mapping[str, Any] | None) -> TrainSettings:
     if owned:
         raise SettingsError(f"setting {owned[0]!r} is the node's own limit ({NODE_OWNED[owned[0]]} on the node); "
                             "a round cannot set it")
-    known = [f.name for f in fields(TrainSettings)]
+    known = [f.name for f in fields(TrainSettings) if f.name != "given"]
     unknown = sorted(_shown(key) for key in raw if key not in known)
     if unknown:
         raise SettingsError(f"unknown setting {unknown[0]}; accepted settings are: {', '.join(known)}")
@@ -144,7 +149,7 @@ def parse_settings(raw: Mapping[str, Any] | None) -> TrainSettings:
     for key in ("learning_rate", *DP_SETTINGS):
         if normalized.get(key) is not None:
             normalized[key] = float(normalized[key])
-    return TrainSettings(**normalized)
+    return TrainSettings(**normalized, given=frozenset(normalized))
 
 
 def capped_batch_size(settings: TrainSettings, num_examples: int) -> TrainSettings:

@@ -72,9 +72,9 @@ def simulate(
     data_dir: str | Path,
     rounds: int,
     out: str | Path,
-    epochs: int = 1,
-    batch_size: int = 64,
-    learning_rate: float = 1.0,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
     clients_per_round: int | None = None,
     seed: int = 0,
     init: str | Path | None = None,
@@ -83,12 +83,15 @@ def simulate(
     dp_settings: dict[str, float] | None = None,
     dp_budget: float | None = None,
     dp_delta: float | None = None,
+    dp_rounds: int | None = None,
 ) -> list[Round]:
     """Run ``rounds`` FedAvg rounds over the clients in ``data_dir``; write the results to ``out``.
 
     The initial model is ``init`` (a seed/global ``.npz``) or the CNN initialised with ``seed``
     (seed 0 is exactly the ``seed.npz`` that ``build.py`` writes). ``dp_settings`` are the rounds'
-    ``dp_*`` settings; ``dp_budget``/``dp_delta`` are every node's ``MNIST_EDGE_DP_EPSILON``/``_DELTA``.
+    ``dp_*`` settings; ``dp_budget``/``dp_delta``/``dp_rounds`` are every node's ``MNIST_EDGE_DP_EPSILON``,
+    ``_DELTA`` and ``_ROUNDS`` (default: ``rounds``, a budget planned for this federation). ``epochs``,
+    ``batch_size`` and ``learning_rate`` left None are the round settings' defaults.
     A client whose budget refuses a round sits it out; when all do, the simulation stops.
     """
     if rounds < 1:
@@ -99,13 +102,17 @@ def simulate(
     if not 1 <= per_round <= len(client_dirs):
         raise SimulationError(
             f"--clients-per-round must be between 1 and {len(client_dirs)}, got {per_round}")
-    settings = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, **(dp_settings or {})}
+    given = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate}
+    settings = {**{k: v for k, v in given.items() if v is not None}, **(dp_settings or {})}
     parse_settings(settings)  # a bad value fails now, not in round 1
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for old_node in (out / NODES_DIR).glob("client-*"):
         ledger_store.remove(old_node / LEDGER_NAME)  # a new simulation is a new federation: nothing spent
+    if dp_rounds is not None and dp_rounds < 1:
+        raise SimulationError(f"--dp-rounds must be >= 1, got {dp_rounds}")
     nodes = [NodeConfig.for_data(p, epsilon=dp_budget, delta=DEFAULT_DELTA if dp_delta is None else dp_delta,
+                                 rounds=rounds if dp_rounds is None else dp_rounds,
                                  ledger=(out / NODES_DIR / p.name / LEDGER_NAME).absolute()) for p in client_dirs]
     clients = [runtime.local_client(node, workdir=out) for node in nodes]
     params = model.load_npz(init) if init else model.get_parameters(model.new_model(seed))

@@ -113,10 +113,10 @@ def _train_here(net, found: data.Dataset, requested: TrainSettings, limits: Priv
         hooks = {"on_batch": bar.update, "on_metrics": bar.set_postfix}
         if plan is None:
             return training.train(net, found.images, found.labels, used, **hooks), used, {}, found, None
-        result, dp_metadata = privacy.train_round(net, found.images, found.labels, used, plan, limits,
+        result, dp_metadata = privacy.train_round(net, found.images, found.labels, plan, limits,
                                                   model_id=str(init or "standalone"),
                                                   data_fingerprint=found.fingerprint, **hooks)
-    return result, used, dp_metadata, found, None
+    return result, plan.settings, dp_metadata, found, None
 
 
 def _train_in_job(net, shards: remote.Dataset, requested: TrainSettings, limits: PrivacyLimits, ranks: Ranks,

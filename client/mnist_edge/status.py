@@ -49,8 +49,9 @@ def privacy_status(node: NodeConfig) -> dict[str, Any]:
     except ledger.LedgerError:
         return {**status, "ledger": "unreadable"}
     left = None if limits.epsilon is None else max(limits.epsilon - charged.spent, 0.0)
-    return {**status, "ledger": "verified", "charged_rounds": len(charged.records),
-            "spent_epsilon": charged.spent, "left_epsilon": left}
+    rounds_left = None if limits.epsilon is None else max(limits.rounds - charged.count, 0)
+    return {**status, "ledger": "verified", "charged_rounds": charged.count,
+            "spent_epsilon": charged.spent, "left_epsilon": left, "planned_rounds_left": rounds_left}
 
 
 def node_status(node: NodeConfig) -> dict[str, Any]:
