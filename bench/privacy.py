@@ -1,36 +1,43 @@
-"""Benchmark: what DP-SGD (Opacus) costs per training step and in accuracy.
+"""Benchmark: what DP-SGD (Opacus) costs per training step, and the accuracy a privacy budget leaves.
 
 Step time: one batch of real MNIST images, the same images and batch every step. In one process,
 alternating, the plain step as ``training.train`` runs it (``auto`` precision, and fp32) and the
-DP-SGD step of ``dpsgd.make_private`` in each of Opacus's per-sample gradient modes: ``hooks``,
-``functorch``, ``ew`` (expanded weights) and ``ghost`` (ghost clipping, what DP rounds use). Medians over ``--reps``
-alternations of ``--steps`` steps each; the target is DP <= 2.0x the plain step.
+DP-SGD step of ``dpsgd.make_private`` as a DP round runs it (the node's DP defaults, ``dpsgd.FROZEN``
+layers kept) in each of Opacus's per-sample gradient modes: ``hooks``, ``functorch``, ``ew``
+(expanded weights) and ``ghost`` (ghost clipping, what DP rounds use). Medians over ``--reps``
+alternations of ``--steps`` steps each; the target is DP <= 2.0x the plain step of the same precision.
 
-Accuracy: ``--clients`` IID clients on the offline 5k subset (``prepare``), ``--rounds`` FedAvg
-rounds through ``simulate`` (real ``EdgeClient`` callbacks, each client with its own ledger), for
-each ε budget and without DP. For a budget, σ is what Opacus's ``get_noise_multiplier`` says makes
-all the rounds fit it exactly; every client's node budget is that ε.
+Accuracy: for each layout in ``--layouts`` (N IID clients sharing the offline 5k subset through
+``prepare``: 5 clients of ~1,000 images, 2 of ~2,000, 1 central node on the pooled images),
+``--rounds`` FedAvg rounds through ``simulate`` (real ``EdgeClient`` callbacks, each node with its
+own ledger) where every node has only a budget (``--dp-budget``): σ planned by the node, every DP
+setting the node's default. ``--runs`` runs a budget (the noise is secret: runs differ), the median
+reported; and one run without DP (the round settings' defaults). ``--ideas``: one federation at ε 3
+for each step from the old DP round (Adadelta 1.0, batch 64, C 1.0, every layer) to the node's
+defaults, and the alternatives to keeping ``fc2``.
 
-    .venv/bin/python bench/privacy.py [--threads 2] [--rounds 10] [--budgets 1 3 8]
+    .venv/bin/python bench/privacy.py [--threads 2] [--steps-only | --accuracy-only] [--runs 3] [--ideas]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from opacus.accountants.utils import get_noise_multiplier
 
 from mnist_edge import data, dpsgd, hardware, model, privacy, training
 from mnist_edge.node import DEFAULT_DELTA
 from mnist_edge.prepare import prepare
-from mnist_edge.settings import parse_settings
+from mnist_edge.settings import DP_ROUND_DEFAULTS, parse_settings
 from mnist_edge.simulate import simulate
 from perf_common import RESULTS, Report, cpu_tag, images, load, machine, median
 
@@ -53,13 +60,16 @@ class PlainStep:
 
 
 class PrivateStep:
-    """One DP-SGD step in one of Opacus's modes (σ 1.0, C 1.0, fp32, as a DP round runs it)."""
+    """One DP-SGD step in one of Opacus's modes as a DP round runs it: σ 1.0, the node's C and
+    optimizer, ``dpsgd.FROZEN`` layers kept, fp32."""
 
     def __init__(self, mode: str, batch: int, device: torch.device) -> None:
         self.device = device
-        settings = parse_settings({"batch_size": batch, "dp_noise_multiplier": 1.0})
-        plan = dpsgd.RoundPlan(1.0, 1.0, 0.01, 1, 1e-5, batch, settings)
+        settings = privacy.dp_round_settings(parse_settings({"batch_size": batch, "dp_noise_multiplier": 1.0}))
+        plan = dpsgd.RoundPlan(1.0, privacy.DEFAULT_MAX_GRAD_NORM, 0.01, 1, 1e-5, batch, settings)
         net = model.new_model(0).to(device).train()
+        self.layers = contextlib.ExitStack()
+        self.layers.enter_context(dpsgd.round_layers(net))
         self.private = dpsgd.make_private(net, plan, device, mode)
 
     def __call__(self, x_u8: torch.Tensor, y: torch.Tensor) -> None:
@@ -99,38 +109,82 @@ def step_times(args: argparse.Namespace, report: Report) -> dict[str, float]:
     return medians
 
 
+@dataclass(frozen=True)
+class Idea:
+    """One way to train a DP round: round settings, and the layers kept (``dpsgd.FROZEN``)."""
+
+    name: str
+    settings: dict
+    frozen: tuple[str, ...] = dpsgd.FROZEN
+
+
+OLD = {"optimizer": "adadelta", "learning_rate": 1.0, "batch_size": 64, "dp_max_grad_norm": 1.0}
+IDEAS = (
+    Idea("old DP round: Adadelta 1.0, batch 64, C 1.0, every layer", OLD, ()),
+    Idea("+ plain SGD, lr 16", {**OLD, "optimizer": "sgd", "learning_rate": 16.0}, ()),
+    Idea("+ C 0.1", {**OLD, "optimizer": "sgd", "learning_rate": 16.0, "dp_max_grad_norm": 0.1}, ()),
+    Idea("+ batch 200 (q 0.25): every layer", {}, ()),
+    Idea("+ fc2 kept (the node's defaults)", {}),
+    Idea("  fc1 kept instead", {}, ("fc1",)),
+    Idea("  fc1, conv1, conv2 kept (fc2 alone trained)", {}, ("fc1", "conv1", "conv2")),
+)
+
+
+def federation(data_dir: Path, rounds: int, out: Path, seed: int, budget: float | None,
+               settings: dict | None = None, frozen: tuple[str, ...] = dpsgd.FROZEN) -> dict:
+    """One ``simulate`` run; every node has only ``budget`` (None: no DP). Final accuracy and what it spent."""
+    start = time.perf_counter()
+    kept, dpsgd.FROZEN = dpsgd.FROZEN, frozen  # an idea under test; the node's default otherwise
+    try:  # simulate merges dp_settings into every round's settings: any round setting goes through it
+        history = simulate(data_dir, rounds, out, seed=seed, progress=False, echo=lambda _line: None,
+                           dp_settings=settings or None, dp_budget=budget)
+    finally:
+        dpsgd.FROZEN = kept
+        shutil.rmtree(out, ignore_errors=True)
+    return {"budget": budget, "seed": seed, "rounds_trained": history[-1].round,
+            "epsilon_spent": history[-1].dp_epsilon_spent, "test_accuracy": history[-1].test_accuracy,
+            "accuracy_by_round": [h.test_accuracy for h in history],
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def layout(work: Path, clients: int) -> Path:
+    """``clients`` IID clients of the 5k subset (the same split every run)."""
+    data_dir = work / f"clients-{clients}"
+    if not data_dir.exists():
+        prepare("mnist5k", clients, data_dir, seed=0, partition="iid")
+    return data_dir
+
+
 def accuracy_runs(args: argparse.Namespace, report: Report, work: Path) -> list[dict]:
-    """One federation per budget (and one without DP); the final global test accuracy of each."""
-    data_dir = work / "clients"
-    prepare("mnist5k", args.clients, data_dir, seed=0, partition="iid")
-    if args.train_images:  # smoke runs: a few images per client keep the DP rounds short
-        for client in sorted(data_dir.glob("client-*")):
-            split = data.load_split(client, "train")
-            shutil.rmtree(client / "train")
-            keep = slice(0, args.train_images)
-            data.write_shard(client / "train" / "shard-000.csv", split.images[keep], split.labels[keep],
-                             split.image_ids[keep])
-    n = len(data.load_split(data_dir / "client-0", "train"))  # IID: every client holds the same count
-    q = min(1.0, args.fed_batch_size / n)
-    steps = args.rounds * privacy.steps_per_epoch(n, q)
+    """Per layout: ``--runs`` federations per budget and one without DP; the final global test accuracy."""
     rows = []
-    for budget in [*args.budgets, None]:
-        sigma = None if budget is None else get_noise_multiplier(
-            target_epsilon=budget, target_delta=DEFAULT_DELTA, sample_rate=q, steps=steps, accountant="rdp")
-        start = time.perf_counter()
-        history = simulate(data_dir, args.rounds, work / f"run-{budget}", batch_size=args.fed_batch_size,
-                           seed=0, progress=False, echo=lambda _line: None,
-                           dp_settings=None if sigma is None else {"dp_noise_multiplier": sigma},
-                           dp_budget=budget, dp_delta=None)
-        rows.append({"budget": budget, "noise_multiplier": sigma, "rounds_trained": history[-1].round,
-                     "epsilon_spent": history[-1].dp_epsilon_spent, "test_accuracy": history[-1].test_accuracy,
-                     "accuracy_by_round": [h.test_accuracy for h in history],
-                     "seconds": round(time.perf_counter() - start, 1)})
-        r = rows[-1]
-        sigma_text = "-" if sigma is None else f"{sigma:.3f}"
-        spent_text = "-" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.3f}"
-        report(f"{'none' if budget is None else f'{budget:g}':>8}  {sigma_text:>7}  {r['rounds_trained']:>6}  "
-               f"{spent_text:>9}  {100 * r['test_accuracy']:>8.1f} %  {r['seconds']:>7.0f}")
+    for clients in args.layouts:
+        data_dir = layout(work, clients)
+        n = len(data.load_split(data_dir / "client-0", "train"))
+        for budget in [*args.budgets, None]:
+            runs = [federation(data_dir, args.rounds, work / "run", seed, budget)
+                    for seed in range(args.runs if budget is not None else 1)]
+            accuracies = [r["test_accuracy"] for r in runs]
+            rows.append({"clients": clients, "train_images_per_client": n, "budget": budget, "runs": runs,
+                         "median_accuracy": statistics.median(accuracies)})
+            spent = max((r["epsilon_spent"] or 0.0) for r in runs)
+            report(f"{clients:>7}  {n:>6}  {'none' if budget is None else f'{budget:g}':>6}  "
+                   f"{100 * rows[-1]['median_accuracy']:>6.1f} %  "
+                   f"{' / '.join(f'{100 * a:.1f}' for a in accuracies):<20}  {spent:>9.3f}  "
+                   f"{statistics.median(r['seconds'] for r in runs):>7.0f}")
+    return rows
+
+
+def idea_runs(args: argparse.Namespace, report: Report, work: Path) -> list[dict]:
+    """One federation at ε 3 per idea, on the first layout: each idea's effect on accuracy."""
+    data_dir = layout(work, args.layouts[0])
+    report(f"{args.layouts[0]} IID clients, {args.rounds} rounds, budget 3 (planned), delta {DEFAULT_DELTA:g}; "
+           "one run each")
+    rows = []
+    for idea in IDEAS:
+        run = federation(data_dir, args.rounds, work / "run", 0, 3.0, idea.settings, idea.frozen)
+        rows.append({"idea": idea.name, **run})
+        report(f"{idea.name:<55} {100 * run['test_accuracy']:>6.1f} %  {run['seconds']:>5.0f} s")
     return rows
 
 
@@ -140,40 +194,79 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per contender per alternation")
     parser.add_argument("--reps", type=int, default=5, help="alternations")
     parser.add_argument("--modes", nargs="*", choices=sorted(DP_MODES), default=list(DP_MODES))
-    parser.add_argument("--clients", type=int, default=5)
+    parser.add_argument("--layouts", type=int, nargs="*", default=[5, 2, 1], help="IID clients of the 5k subset")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--fed-batch-size", type=int, default=64, help="batch_size of the federation's rounds")
-    parser.add_argument("--train-images", type=int, default=None, help="keep only this many train images "
-                        "per client (smoke runs; default: all)")
+    parser.add_argument("--runs", type=int, default=3, help="federations per budget and layout (0: none)")
+    parser.add_argument("--ideas", action="store_true", help="also one federation at epsilon 3 per idea")
     parser.add_argument("--budgets", type=float, nargs="*", default=[1.0, 3.0, 8.0], help="node epsilon budgets")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, help="also write the report here (and .json beside it)")
-    parser.add_argument("--steps-only", action="store_true", help="the step times alone, no accuracy table")
+    parts = parser.add_mutually_exclusive_group()
+    parts.add_argument("--steps-only", action="store_true", help="the step times alone, no accuracy table")
+    parts.add_argument("--accuracy-only", action="store_true", help="the accuracy tables alone, no step times")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report = Report()
     report(machine())
-    medians = step_times(args, report)
-    rows: list[dict] = []
+    medians = {} if args.accuracy_only else step_times(args, report)
+    accuracy: dict = {}
     if not args.steps_only:
         report("")
-        rows = accuracy_table(args, report)
+        accuracy = accuracy_table(args, report)
     report.save(args.out)
     if args.out is not None:
-        args.out.with_suffix(".json").write_text(json.dumps({"step_ms": medians, "accuracy": rows}, indent=2))
+        args.out.with_suffix(".json").write_text(json.dumps({"step_ms": medians, **accuracy}, indent=2))
 
 
-def accuracy_table(args: argparse.Namespace, report: Report) -> list[dict]:
-    """The accuracy part: its header lines, then one federation per budget (``accuracy_runs``)."""
-    report(f"{args.clients} IID clients of the 5k subset, {args.rounds} rounds, batch {args.fed_batch_size}, "
-           f"Adadelta 1.0, delta {DEFAULT_DELTA:g}, C {privacy.DEFAULT_MAX_GRAD_NORM}")
-    report(f"{'budget':>8}  {'sigma':>7}  {'rounds':>6}  {'eps spent':>9}  {'accuracy':>10}  {'seconds':>7}")
+def accuracy_table(args: argparse.Namespace, report: Report) -> dict:
+    """The accuracy part: per layout and budget (``accuracy_runs``), the ideas (``--ideas``), the plot."""
+    defaults = ", ".join(f"{k} {v}" for k, v in DP_ROUND_DEFAULTS.items())
+    report(f"{args.rounds} rounds, delta {DEFAULT_DELTA:g}; DP rounds: the node's defaults ({defaults}, "
+           f"C {privacy.DEFAULT_MAX_GRAD_NORM:g}, {'/'.join(dpsgd.FROZEN)} kept, no dropout), sigma planned "
+           f"from the budget over the rounds; no DP: the round settings' defaults (Adadelta 1.0, batch 64)")
+    report(f"{'clients':>7}  {'images':>6}  {'budget':>6}  {'median':>8}  {'runs (accuracy %)':<20}  "
+           f"{'eps spent':>9}  {'seconds':>7}")
     work = Path(tempfile.mkdtemp(prefix="mnist-edge-privacy-"))
     try:
-        rows = accuracy_runs(args, report, work)
+        result = {"accuracy": accuracy_runs(args, report, work) if args.runs else []}
+        if args.ideas:
+            report("")
+            result["ideas"] = idea_runs(args, report, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return rows
+    if result["accuracy"] and args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        plot(result["accuracy"], args.out.with_suffix(".png"))
+    return result
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy against ε per layout (median and the runs' range), no-DP accuracy dashed: before choosing a budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    for clients in sorted({r["clients"] for r in rows}, reverse=True):
+        mine = [r for r in rows if r["clients"] == clients and r["budget"] is not None]
+        budgets = [r["budget"] for r in mine]
+        accuracies = [[100 * run["test_accuracy"] for run in r["runs"]] for r in mine]
+        line = axes.plot(budgets, [statistics.median(a) for a in accuracies], marker="o",
+                         label=f"{clients} node(s) of ~{mine[0]['train_images_per_client']:,} images")[0]
+        axes.fill_between(budgets, [min(a) for a in accuracies], [max(a) for a in accuracies],
+                          color=line.get_color(), alpha=0.2)
+        plain = [r for r in rows if r["clients"] == clients and r["budget"] is None]
+        if plain:
+            axes.axhline(100 * plain[0]["median_accuracy"], color=line.get_color(), linestyle="--", linewidth=1)
+    axes.set(xscale="log", xlabel="privacy budget epsilon per node (delta 1e-5)", ylabel="global test accuracy %",
+             title="MNIST CNN, 10 FedAvg rounds: accuracy against the budget")
+    axes.set_xticks([1, 3, 8], ["1", "3", "8"])
+    axes.legend(fontsize=8, title="dashed: no DP", title_fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -124,12 +124,13 @@ def make_private(net: nn.Module, plan: RoundPlan, device: torch.device,
 
 
 @contextmanager
-def round_layers(net: nn.Module, frozen: tuple[str, ...] = FROZEN) -> Iterator[None]:
-    """``frozen`` layers take no gradient and dropout is off for the round; both restored after.
+def round_layers(net: nn.Module, frozen: tuple[str, ...] | None = None) -> Iterator[None]:
+    """``frozen`` layers (default :data:`FROZEN`) take no gradient and dropout is off for the round;
+    both restored after.
 
     The CNN is the node's and trains the next round (DP or not) as it was.
     """
-    params = [p for name in frozen for p in getattr(net, name).parameters()]
+    params = [p for name in (FROZEN if frozen is None else frozen) for p in getattr(net, name).parameters()]
     dropouts = [m for m in net.modules() if isinstance(m, nn.Dropout)]
     try:
         for p in params:
