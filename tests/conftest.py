@@ -98,6 +98,24 @@ def shards_fingerprint(files: list[Path]) -> str:
     return hashlib.sha256(digests.encode("ascii")).hexdigest()
 
 
+def frozen_times(monkeypatch, path: Path) -> None:
+    """From now on every stat of ``path`` shows the timestamps it shows now, as a filesystem with a coarse
+    clock (FAT's 2 s, some network filesystems) shows a rewrite within one tick: same inode, same size,
+    same times. No local filesystem can be made to do that for real (Linux gives a file changed after a
+    stat a fine-grained ctime), so ``os.stat`` reports it; the inode and the size stay the real ones."""
+    first = os.stat(path)
+    real_stat = os.stat
+
+    def stat(target, *args, **kwargs):
+        status = real_stat(target, *args, **kwargs)
+        if os.fspath(target) != os.fspath(path):
+            return status
+        times = {f"st_{kind}time_ns": getattr(first, f"st_{kind}time_ns") for kind in ("a", "m", "c")}
+        return os.stat_result([*status[:7], *first[7:10]], times)
+
+    monkeypatch.setattr(os, "stat", stat)
+
+
 def auto_precision_here() -> str:
     """What ``precision: auto`` must resolve to on this machine's CPU, read from /proc/cpuinfo:
     bf16 where the CPU lists a native bf16 unit and torch's oneDNN has bf16 kernels, else fp32."""
@@ -115,4 +133,4 @@ def auto_precision_here() -> str:
     return "bf16" if native and onednn else "fp32"
 
 
-__all__ = ["shards_fingerprint", "auto_precision_here", "make_node", "REPO", "CLIENT_DIR", "VENV_BIN", "CLIENT_LINE", "MODEL_CACHE", "shutil"]
+__all__ = ["shards_fingerprint", "frozen_times", "auto_precision_here", "make_node", "REPO", "CLIENT_DIR", "VENV_BIN", "CLIENT_LINE", "MODEL_CACHE", "shutil"]

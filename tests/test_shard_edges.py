@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import shards_fingerprint
+from conftest import frozen_times, shards_fingerprint
 from hostile import HEADER, b64_raw, rows, write_lines
 from mnist_edge import data, shards
 from mnist_edge.data import DataError
@@ -68,11 +68,8 @@ def test_only_ascii_digits_are_numbers(tmp_path, mnist5k, field, value):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_an_image_id_beyond_64_bits_is_a_bad_row_and_the_extremes_are_kept(tmp_path, mnist5k, fast):
-    """ids are int64: 2**63-1 and -2**63 are kept, one past either end (and a 20-digit id) is a bad row.
-
-    Mutation: delete the 64-bit range check in ``ShardBuilder._image_id``: the 20-digit id then
-    raises OverflowError out of ``read_shard`` instead of being skipped; ``<`` made ``<=``: 2**63 is kept.
-    """
+    """ids are int64: 2**63-1 and -2**63 are kept, one past either end (and a 20-digit id) is a bad row
+    naming the id, on both paths; never an OverflowError out of the reader."""
     images, labels = mnist5k
     ids = [2**63 - 1, -(2**63), 2**63, -(2**63) - 1, 10**19 * 9 + 7, 5]
     lines = [f"{i},{labels[k]},{b64_raw(images[k])},,," for k, i in enumerate(ids)]
@@ -89,10 +86,8 @@ def test_an_image_id_beyond_64_bits_is_a_bad_row_and_the_extremes_are_kept(tmp_p
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_a_line_of_exactly_the_limit_is_a_row_and_one_byte_more_is_not(tmp_path, mnist5k, fast):
-    """Both lines quote their location, so whichever path reads the file, the general reader judges them.
-
-    Mutation: ``>=`` for ``>`` at the line limit; the bad row's line number or reason lost.
-    """
+    """A line of exactly MAX_LINE_BYTES is read; one byte longer is a bad row with its line number and reason.
+    Both lines quote their location, so whichever path reads the file, the general reader judges them."""
     images, labels = mnist5k
     row = f"7,{labels[0]},{b64_raw(images[0])},,,"
     pad = shards.MAX_LINE_BYTES - len(row) - 2  # two quote characters
@@ -178,9 +173,9 @@ def test_an_old_rewrite_is_seen_by_its_change_time(tmp_path, mnist5k, monkeypatc
 
 def test_a_same_tick_rewrite_is_caught_by_content(tmp_path, mnist5k, monkeypatch):
     """Where timestamps cannot tell (a coarse clock: same tick, same size), the recent file is re-hashed."""
-    monkeypatch.setattr(data, "_stamp", lambda status: (status.st_ino, status.st_size))  # what such a filesystem shows
     images, labels = mnist5k
     path = data.write_shard(tmp_path / "train" / "s.csv", images[:50], np.full(50, 3))
+    frozen_times(monkeypatch, path)  # what such a filesystem shows
     assert set(data.load_split(tmp_path, "train").labels) == {3}
     with open(path, "r+b") as handle:  # in place: same inode, same size
         handle.write(data.write_shard(tmp_path / "new.csv", images[:50], np.full(50, 6)).read_bytes())
@@ -199,8 +194,8 @@ def test_the_fingerprint_is_of_the_bytes_trained_on(tmp_path, mnist5k):
 
 
 def test_a_hashing_error_is_raised_by_hexdigest_and_never_stalls_the_reader():
-    """Mutation: the worker forgets its error (hexdigest returns the hash of part of the data), or stops
-    taking blocks after it (the reader's next ``update`` calls block for good once the queue is full)."""
+    """An error while hashing is raised by ``hexdigest`` (never a digest of part of the data), and the reader's
+    later ``update`` calls keep returning: a failed hash never stalls the shard reader on a full queue."""
     digest = BackgroundSha256(depth=2)
     fed = threading.Event()
 
@@ -273,9 +268,6 @@ def test_an_unreadable_train_split_fails_naming_it(node_dir, tmp_path):
 def test_a_full_builder_grows_by_half_plus_1024_rows_and_keeps_its_rows(tmp_path, mnist5k, capacity):
     """Reserving only the room left reallocates nothing; one row more grows the arrays geometrically
     (1.5x + 1024 rows, so a shard far bigger than its estimate costs few reallocations), rows intact.
-
-    Mutation: ``needed >= len`` for ``>`` in ``ShardBuilder.reserve`` (grows when full to the brim), or
-    ``* 4 // 2``, ``* 3 // 3``, ``- 1024``, ``+ 1025`` in its new capacity.
     """
     images, labels = mnist5k
     builder = shards.rows.ShardBuilder(tmp_path / "s.csv", capacity, (0, 1, 2), ["image_id", "label", "image"], True)

@@ -169,18 +169,27 @@ def test_a_gpu_counts_as_bf16_only_without_emulation(monkeypatch):
     assert hardware.bf16_supported(torch.device("meta")) is False
 
 
-def test_cpu_features_come_from_torch_or_from_its_older_x86_checks(monkeypatch):
-    """Recent torch lists the CPU's features; older torch has one check per feature (maybe absent)."""
-    capabilities = {"avx512_bf16": True, "amx_bf16": False, "other": 3}
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
-    assert hardware._cpu_features() == capabilities
+def test_a_native_bf16_unit_is_found_by_recent_and_older_torch(monkeypatch):
+    """Recent torch lists the CPU's features; older torch has one check per x86 feature, maybe absent (an
+    absent check is no unit). Either way a CPU with AVX512-BF16 or AMX counts as native bf16, one with
+    neither does not. These CPUs can only be described: torch's answers are replaced, oneDNN's bf16
+    kernels said to be usable (``_is_mkldnn_bf16_supported``, torch has no public name for it)."""
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    for listed, native in (({"avx512_bf16": True, "amx_bf16": False, "other": 3}, True),
+                           ({"avx512_bf16": False, "amx_bf16": False, "other": 3}, False)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda listed=listed: listed, raising=False)
+        assert hardware.bf16_supported(CPU) is native
     monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
-    for avx512, amx in ((True, False), (False, True)):
+    for avx512, amx in ((True, False), (False, True), (False, False)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512: value, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value, raising=False)
-        assert hardware._cpu_features() == {"avx512_bf16": avx512, "amx_bf16": amx}
+        assert hardware.bf16_supported(CPU) is (avx512 or amx)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert hardware._cpu_features() == {"avx512_bf16": False, "amx_bf16": False}
+    assert hardware.bf16_supported(CPU) is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert hardware.bf16_supported(CPU) is True
 
 
 def test_the_same_seed_trains_the_same_weights_whatever_the_label_type(mnist5k):
