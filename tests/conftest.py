@@ -133,4 +133,5 @@ def auto_precision_here() -> str:
     return "bf16" if native and onednn else "fp32"
 
 
-__all__ = ["shards_fingerprint", "frozen_times", "auto_precision_here", "make_node", "REPO", "CLIENT_DIR", "VENV_BIN", "CLIENT_LINE", "MODEL_CACHE", "shutil"]
+__all__ = ["shards_fingerprint", "frozen_times", "auto_precision_here", "make_node", "REPO", "CLIENT_DIR",
+           "VENV_BIN", "CLIENT_LINE", "MODEL_CACHE", "shutil"]

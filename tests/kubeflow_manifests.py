@@ -93,7 +93,8 @@ def walk_pydantic(annotation: Any, value: Any, path: str, errors: list[str]) -> 
         for key, item in value.items():
             walk_pydantic(args[1], item, f"{path}.{key}", errors)
         return
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and "actual_instance" in annotation.model_fields:
+    if (isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            and "actual_instance" in annotation.model_fields):
         # a oneOf wrapper (a Quantity: str or number; an IntOrString): one of its schemas must take the value
         options = [a for a in typing.get_args(annotation.model_fields["actual_instance"].annotation)
                    if a is not type(None)]
@@ -221,7 +222,8 @@ def webhook_v2(runtime: dict[str, Any], job: dict[str, Any]) -> list[str]:
     # pkg/webhooks/trainingruntime_webhook.go validateReplicatedJobs: the job labelled
     # ancestor-step=trainer has replicas 1 and a container named "node" (constants.Node)
     jobs = runtime["spec"]["template"]["spec"].get("replicatedJobs", [])
-    trainers = [j for j in jobs if (j["template"].get("metadata") or {}).get("labels", {}).get(ANCESTOR_LABEL) == "trainer"]
+    trainers = [j for j in jobs
+                if (j["template"].get("metadata") or {}).get("labels", {}).get(ANCESTOR_LABEL) == "trainer"]
     if len(trainers) != 1:
         errors.append(f"TrainingRuntime: expected one replicatedJob labelled {ANCESTOR_LABEL}: trainer, "
                       f"found {len(trainers)}")

@@ -228,5 +228,6 @@ def test_in_memory_npz_reader_refuses_object_and_huge_members(seed_path):
     buffer = io.BytesIO()
     np.savez(buffer, **{str(i): p for i, p in enumerate(params)} | {"3": np.zeros((10**6,), np.float64)})
     buffer.seek(0)
-    with pytest.raises(model.ModelFileError, match=r"x: array 3 \(conv2.bias\) expected shape \(64,\), got \(1000000,\)"):
+    expected = r"x: array 3 \(conv2.bias\) expected shape \(64,\), got \(1000000,\)"
+    with pytest.raises(model.ModelFileError, match=expected):
         model.read_npz(buffer, "x")

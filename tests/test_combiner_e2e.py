@@ -262,7 +262,7 @@ def test_inference_writes_a_predictions_csv_and_reports_its_summary_as_attribute
         # The client drops the inference callback's return value; the summary travels as attributes,
         # as plain values: 1.0.7's AttributeMessage carries strings only, 1.1's records JSON values.
         summary = fleet.combiner.wait_until(
-            lambda: prediction_summary(fleet.combiner, node.name, final.aggregate_id),
+            lambda node=node: prediction_summary(fleet.combiner, node.name, final.aggregate_id),
             TASK_TIMEOUT, f"the prediction summary of {node.name}",
         )
         count, accuracy = summary["prediction_count"], summary["prediction_accuracy"]

@@ -67,7 +67,8 @@ def test_an_unchanged_shard_is_not_reported_again_when_its_split_grows(tmp_path,
         data.write_shard(tmp_path / "train" / "b.csv", images[5:8], labels[5:8], np.arange(5, 8))
         grown = data.load_split(tmp_path, "train")
     assert len(grown) == 8 and grown.rows_skipped == 1
-    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == ["image is not valid base64 (Only base64 data is allowed)"]
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "image is not valid base64 (Only base64 data is allowed)"]
 
 
 def test_a_recent_shard_stays_checked_by_content_on_every_hit(tmp_path, mnist5k, monkeypatch):
@@ -107,7 +108,8 @@ def test_a_dataset_holds_every_shards_rows_and_the_first_bad_rows(tmp_path, mnis
 
 
 @pytest.mark.parametrize("rows, message", [
-    (["1,3,!!,,,"], "no valid rows (1 rows skipped; first: {path}:2: image is not valid base64 (Only base64 data is allowed))"),
+    (["1,3,!!,,,"],
+     "no valid rows (1 rows skipped; first: {path}:2: image is not valid base64 (Only base64 data is allowed))"),
     ([], "no valid rows (0 rows skipped)"),
 ])
 def test_a_split_without_a_valid_row_says_so_naming_it(tmp_path, rows, message):
@@ -140,7 +142,8 @@ def test_what_the_system_refuses_is_named_with_its_reason(tmp_path, mnist5k, mon
     failing(monkeypatch, data.os, "stat", other)
     with pytest.raises(DataError) as error:
         data.load_split(tmp_path, "train")
-    assert str(error.value) == f"{other}: cannot be read (Permission denied), expected a CSV shard (remove it or rename it)"
+    assert str(error.value) == (f"{other}: cannot be read (Permission denied), expected a CSV shard "
+                                "(remove it or rename it)")
     monkeypatch.undo()
     data.load_split(tmp_path, "train")
     failing(monkeypatch, data.os, "stat", shard)  # after the listing: the cache's own stat

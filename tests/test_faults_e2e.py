@@ -59,7 +59,8 @@ def restart_after_sigkill(fleet: Fleet, wait_for) -> None:
     assert node.process.wait(20) == -signal.SIGKILL
     node.start(combiner, POLL)
     combiner.health_check = fleet.check_alive
-    combiner.wait_until(lambda: len(combiner.registrations) > registrations, READY_TIMEOUT, "the client to register again")
+    combiner.wait_until(lambda: len(combiner.registrations) > registrations, READY_TIMEOUT,
+                        "the client to register again")
 
 
 def leftovers(*folders: Path) -> list[Path]:

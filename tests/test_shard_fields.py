@@ -137,7 +137,8 @@ def test_each_bad_row_names_the_column_it_failed_in(tmp_path, mnist5k, fast):
     """A bad id, label or image is blamed on its column (a short row on no column), with its line, on both paths."""
     images, labels = mnist5k
     image = b64_raw(images[0])
-    lines = [HEADER, f"x,3,{image},,,", f"7,a,{image},,,", "7,3,AAAA,,,", "7,3", f"8,{labels[1]},{b64_raw(images[1])},,,"]
+    lines = [HEADER, f"x,3,{image},,,", f"7,a,{image},,,", "7,3,AAAA,,,", "7,3",
+             f"8,{labels[1]},{b64_raw(images[1])},,,"]
     shard = data.read_shard(write_lines(tmp_path / "s.csv", lines), fast=fast)
     assert shard.image_ids.tolist() == [8]
     assert [(b.line, b.column, b.reason) for b in shard.bad_rows] == [
@@ -162,7 +163,8 @@ def test_a_row_with_exactly_the_header_columns_is_kept(tmp_path, mnist5k, fast):
 def test_a_signed_id_or_label_is_a_number(tmp_path, mnist5k, fast):
     """An id or label written with a sign (``+5``, ``-3``, ``-0``) is that number, on both paths."""
     images, _ = mnist5k
-    lines = [HEADER, f"+5,+4,{b64_raw(images[0])},,,", f"-3,3,{b64_raw(images[1])},,,", f"+12,-0,{b64_raw(images[2])},,,"]
+    lines = [HEADER, f"+5,+4,{b64_raw(images[0])},,,", f"-3,3,{b64_raw(images[1])},,,",
+             f"+12,-0,{b64_raw(images[2])},,,"]
     shard = data.read_shard(write_lines(tmp_path / "s.csv", lines), fast=fast)
     assert shard.rows_skipped == 0
     assert (shard.image_ids.tolist(), shard.labels.tolist()) == ([5, -3, 12], [4, 3, 0])
