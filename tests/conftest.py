@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 from scaleoututil.helpers.helpers import get_helper
 
+import built_seed
 import real_images
 from mnist_edge import data
 
@@ -51,17 +51,9 @@ def _fresh_shard_cache():
 
 
 @pytest.fixture(scope="session")
-def seed_path(tmp_path_factory) -> Path:
-    """The seed model made by the real ``scaleout run build -p client``."""
-    out = tmp_path_factory.mktemp("seed")
-    subprocess.run(
-        [str(VENV_BIN / "scaleout"), "run", "build", "-p", str(CLIENT_DIR)],
-        cwd=out, env={**os.environ, "SCALEOUT_BUILD_OUTPUT_DIR": str(out)},
-        check=True, capture_output=True, text=True, timeout=120,
-    )
-    path = out / "seed.npz"
-    assert path.is_file(), "scaleout run build wrote no seed.npz"
-    return path
+def seed_path() -> Path:
+    """The seed model made by the real ``scaleout run build -p client`` (once per process: built_seed.py)."""
+    return built_seed.seed_npz(CLIENT_DIR, VENV_BIN / "scaleout")
 
 
 @pytest.fixture(scope="session")
