@@ -141,10 +141,12 @@ def load_equivalents(path: Path = EQUIVALENTS) -> dict[tuple[str, str], str]:
     return known
 
 
-def equivalent_reason(mutant: dict, known: dict[tuple[str, str], str]) -> str | None:
+def equivalent_reason(mutant: dict, known: dict[tuple[str, str], str], used: set | None = None) -> str | None:
     for line in mutated_lines(mutant["diff"]) or [""]:  # a deleted line leaves no "+" line
         reason = known.get((mutant["function"], line))
         if reason:
+            if used is not None:
+                used.add((mutant["function"], line))
             return reason
     return None
 
@@ -169,7 +171,7 @@ def merge(parts: list[Part], known: dict[tuple[str, str], str], selection: list[
     ``all_tests``: the test selection of pyproject.toml; a part run against fewer says which.
     """
     chosen = latest_parts(parts)
-    rows, unexplained, equivalent, stale, unrun = [], [], [], [], []
+    rows, unexplained, equivalent, stale, unrun, used = [], [], [], [], [], set()
     total = Counter()
     for module in selection:
         part = chosen.get(module)
@@ -184,7 +186,7 @@ def merge(parts: list[Part], known: dict[tuple[str, str], str], selection: list[
                 c["not run"] += 1
             elif m["status"] in DETECTED:
                 c["killed"] += 1
-            elif reason := equivalent_reason(m, known):
+            elif reason := equivalent_reason(m, known, used):
                 c["equivalent"] += 1
                 equivalent.append((m, reason))
             else:
@@ -220,6 +222,11 @@ def merge(parts: list[Part], known: dict[tuple[str, str], str], selection: list[
     for m, reason in equivalent:
         changed = "; ".join(mutated_lines(m["diff"])) or "(line deleted)"
         out.append(f"  {m['function']}: {changed}\n      why: {reason}")
+    current = {module for module, part in chosen.items() if not part.stale(module)}
+    unused = [key for key in known if key not in used and key[0].partition(":")[0] in current]
+    if unused:
+        out += ["", f"Entries of bench/mutation_equivalents.txt no survivor of a current part matches (remove them): "
+                f"{len(unused)}", *(f"  {function} | {line}" for function, line in unused)]
     return "\n".join(out) + "\n", len(unexplained) + total["not run"] + len(unrun) + len(stale)
 
 
