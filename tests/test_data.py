@@ -306,6 +306,15 @@ def test_the_usual_rows_of_an_export_take_the_bulk_path(tmp_path, mnist5k, monke
     np.testing.assert_array_equal(shard.labels, labels)
 
 
+def test_the_general_reader_alone_parses_every_row_one_by_one(tmp_path, mnist5k, monkeypatch):
+    """``fast=False`` is the reference the bulk path is checked against: no row may take the bulk path then."""
+    images, labels = mnist5k
+    path = data.write_shard(tmp_path / "s.csv", images[:20], labels[:20])
+    one_by_one = rows_parsed_one_by_one(monkeypatch)
+    shard = data.read_shard(path, fast=False)
+    assert one_by_one == list(range(2, 22)) and len(shard.labels) == 20
+
+
 def test_shards_and_prediction_files_end_every_line_with_lf(tmp_path, mnist5k):
     """Shards and prediction files end every line with LF, never CRLF (the csv module's default): checked on
     the bytes on disk, since text read back with universal newlines would hide a CRLF."""
