@@ -134,10 +134,11 @@ def load_equivalents(path: Path = EQUIVALENTS) -> dict[tuple[str, str], str]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
-        parts = [p.strip() for p in line.split(" | ")]
-        if len(parts) != 3:
+        function, _, rest = line.partition(" | ")
+        mutated, _, reason = rest.rpartition(" | ")  # a mutated line may hold " | " itself, a reason may not
+        if not (function.strip() and mutated.strip() and reason.strip()):
             raise SystemExit(f"{path}:{number}: expected 'function | mutated line | reason'")
-        known[(parts[0], parts[1])] = parts[2]
+        known[(function.strip(), mutated.strip())] = reason.strip()
     return known
 
 
@@ -161,7 +162,9 @@ def latest_parts(parts: list[Part]) -> dict[str, Part]:
 
 
 def minutes(seconds: int) -> str:
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min" if seconds >= 3600 else f"{seconds // 60} min"
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min {seconds % 60} s"
 
 
 def merge(parts: list[Part], known: dict[tuple[str, str], str], selection: list[str],
@@ -231,6 +234,8 @@ def merge(parts: list[Part], known: dict[tuple[str, str], str], selection: list[
 
 
 def row(module: str, c: Counter) -> str:
+    if not c["mutants"]:  # a module of imports only
+        return f"{module:<22} {0:>7} {0:>7} {0:>7} {0:>10} {0:>10} {'-':>8} {'-':>10}"
     run = c["mutants"] - c["not run"]
     score = c["killed"] / max(run - c["equivalent"], 1)
     return (f"{module:<22} {c['mutants']:>7} {c['not run']:>7} {c['killed']:>7} {c['equivalent']:>10} "
