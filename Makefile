@@ -24,7 +24,7 @@ SEED_DIR ?= seed
 SEED   := $(SEED_DIR)/seed.npz
 DEMO   := demo
 
-.PHONY: venv demo demo-clients test test-slow test-all lint docs test-client-1.1 seed package package-dispatcher bench mutate clean
+.PHONY: venv demo demo-clients test test-slow test-all lint docs test-client-1.1 seed package package-dispatcher bench mutate mutate-report clean
 
 venv: $(VENV)/.installed
 
@@ -106,21 +106,26 @@ bench: venv
 	$(PY) bench/round_overhead.py $(BENCH_ARGS) --out $$dir/round_overhead-scaleout$$line$(BENCH_TAG).txt && \
 	$(PY) bench/privacy.py --steps-only $(BENCH_ARGS) --out $$dir/privacy_steps$(BENCH_TAG).txt
 
-# Mutation testing of the core modules against their fast unit tests (CONTRIBUTING.rst; not part
-# of `make test`). mutmut 3 looks for the package under ./, src/ or source/, so it runs in a copy
-# with client/mnist_edge as src/mnist_edge ([tool.mutmut] in pyproject.toml); one worker on a
-# shared machine (MUTATE_CHILDREN=2 where the cores are free). Report: bench/results/mutation.txt.
-MUTATE_DIR      ?= build/mutate
+# Mutation testing (CONTRIBUTING.rst; not part of `make test`): mutmut over the modules of pyproject.toml
+# [tool.mutmut] against the fast in-process tests listed there, in parts that can run one after another
+# or side by side: `make mutate MODULES="shards/* training.py"` runs those modules only (all without
+# MODULES), in build/mutate/<part>/, saves bench/results/mutation-<part>.json and merges every saved
+# part into bench/results/mutation.txt. TESTS="tests/test_data.py ..." narrows a part's tests to some of
+# the selection (fewer tests can only kill fewer mutants). MUTATE_ARGS=--resume continues an interrupted part,
+# MUTATE_ARGS=--recheck runs a part's survivors again after a test was added. One worker and nice on
+# a shared machine (MUTATE_CHILDREN=2 where the cores are free).
+MODULES         ?=
 MUTATE_CHILDREN ?= 1
+MUTATE_NICE     ?= 10
+MUTATE_ARGS     ?=
+TESTS           ?=
 mutate: $(VENV)/.installed-mutate
-	rm -rf $(MUTATE_DIR)
-	mkdir -p $(MUTATE_DIR)/src
-	cp -r client/mnist_edge $(MUTATE_DIR)/src/
-	cp -r tests pyproject.toml $(MUTATE_DIR)/
-	find $(MUTATE_DIR) -name __pycache__ -prune -exec rm -rf {} +
-	cd $(MUTATE_DIR) && start=$$(date +%s) && OMP_NUM_THREADS=1 $(CURDIR)/$(VENV)/bin/mutmut run \
-	    --max-children $(MUTATE_CHILDREN) && $(CURDIR)/$(PY) $(CURDIR)/bench/mutation_report.py \
-	    --seconds $$(( $$(date +%s) - start )) --out $(CURDIR)/bench/results/mutation.txt
+	nice -n $(MUTATE_NICE) $(PY) bench/mutate.py --children $(MUTATE_CHILDREN) --modules "$(MODULES)" \
+	    --tests "$(TESTS)" $(MUTATE_ARGS)
+
+# The merged report alone, from the saved parts (after editing bench/mutation_equivalents.txt).
+mutate-report: $(VENV)/.installed
+	$(PY) bench/mutation_report.py merge
 
 # mutmut's own dependencies, then mutmut without its click>=8.4.2 (see constraints.txt).
 $(VENV)/.installed-mutate: $(VENV)/.installed

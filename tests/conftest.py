@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 from scaleoututil.helpers.helpers import get_helper
 
+import built_seed
 import real_images
 from mnist_edge import data
 
@@ -51,17 +51,9 @@ def _fresh_shard_cache():
 
 
 @pytest.fixture(scope="session")
-def seed_path(tmp_path_factory) -> Path:
-    """The seed model made by the real ``scaleout run build -p client``."""
-    out = tmp_path_factory.mktemp("seed")
-    subprocess.run(
-        [str(VENV_BIN / "scaleout"), "run", "build", "-p", str(CLIENT_DIR)],
-        cwd=out, env={**os.environ, "SCALEOUT_BUILD_OUTPUT_DIR": str(out)},
-        check=True, capture_output=True, text=True, timeout=120,
-    )
-    path = out / "seed.npz"
-    assert path.is_file(), "scaleout run build wrote no seed.npz"
-    return path
+def seed_path() -> Path:
+    """The seed model made by the real ``scaleout run build -p client`` (once per process: built_seed.py)."""
+    return built_seed.seed_npz(CLIENT_DIR, VENV_BIN / "scaleout")
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +90,24 @@ def shards_fingerprint(files: list[Path]) -> str:
     return hashlib.sha256(digests.encode("ascii")).hexdigest()
 
 
+def frozen_times(monkeypatch, path: Path) -> None:
+    """From now on every stat of ``path`` shows the timestamps it shows now, as a filesystem with a coarse
+    clock (FAT's 2 s, some network filesystems) shows a rewrite within one tick: same inode, same size,
+    same times. No local filesystem can be made to do that for real (Linux gives a file changed after a
+    stat a fine-grained ctime), so ``os.stat`` reports it; the inode and the size stay the real ones."""
+    first = os.stat(path)
+    real_stat = os.stat
+
+    def stat(target, *args, **kwargs):
+        status = real_stat(target, *args, **kwargs)
+        if os.fspath(target) != os.fspath(path):
+            return status
+        times = {f"st_{kind}time_ns": getattr(first, f"st_{kind}time_ns") for kind in ("a", "m", "c")}
+        return os.stat_result([*status[:7], *first[7:10]], times)
+
+    monkeypatch.setattr(os, "stat", stat)
+
+
 def auto_precision_here() -> str:
     """What ``precision: auto`` must resolve to on this machine's CPU, read from /proc/cpuinfo:
     bf16 where the CPU lists a native bf16 unit and torch's oneDNN has bf16 kernels, else fp32."""
@@ -117,6 +127,7 @@ def auto_precision_here() -> str:
 
 __all__ = [
     "shards_fingerprint",
+    "frozen_times",
     "auto_precision_here",
     "make_node",
     "REPO",

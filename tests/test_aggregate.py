@@ -224,10 +224,8 @@ def test_the_command_line_says_what_it_takes(capsys):
 
 
 def test_hidden_entries_of_a_model_set_are_not_members(model_set, tmp_path):
-    """A desktop's ``.DS_Store`` or a notebook's ``.ipynb_checkpoints`` beside the models changes nothing.
-
-    Mutation: find_members skips names starting with another prefix ("XX.XX"), so hidden entries count.
-    """
+    """A desktop's ``.DS_Store`` or a notebook's ``.ipynb_checkpoints`` beside the models changes nothing:
+    hidden entries are not members and not stray files."""
     (model_set / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (model_set / ".ipynb_checkpoints").mkdir()
     _, meta = aggregate.aggregate(model_set, tmp_path / "out.pth")
@@ -245,11 +243,8 @@ def test_hidden_entries_of_a_model_set_are_not_members(model_set, tmp_path):
     ],
 )
 def test_stray_files_are_refused_with_the_whole_message(model_set, tmp_path, arrange, found):
-    """The first five stray files, and the hint only when a meta among them says the set is one model.
-
-    Mutation: find_members adds the hint whatever the files (``... or True``), or changes its text ("XX...XX"),
-    or puts text where no hint belongs ("XXXX"), or lists six files (``stray[:6]``).
-    """
+    """The whole message: the first five stray files, and the hint only when a meta among them says the set
+    is one model."""
     arrange(model_set)
     target = model_set / "0b6e" if "one model" in found else model_set
     with pytest.raises(aggregate.ModelSetError) as error:
@@ -258,10 +253,7 @@ def test_stray_files_are_refused_with_the_whole_message(model_set, tmp_path, arr
 
 
 def test_the_command_list_describes_aggregate_in_its_own_words(capsys):
-    """The ``--help`` listing gives exactly this line for the command, nothing around it.
-
-    Mutation: the subcommand's help text changed ("XXFedAvg ... num_examples)XX").
-    """
+    """The ``--help`` listing gives exactly this line for the command, nothing around it."""
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())

@@ -7,7 +7,9 @@ whose peak RSS is measured, because "it raised" alone would also pass after allo
 from __future__ import annotations
 
 import base64
+import gc
 import io
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,18 +200,27 @@ def test_a_batch_bigger_than_the_data_is_capped_and_said(node_dir, seed_path, mn
 
 
 def test_the_dataset_cache_keeps_only_the_current_split(tmp_path, mnist5k):
-    """A train dir that gains a shard per round: one dataset cached, holding only today's shards."""
+    """A train dir that gains a shard per round: each round's shards stay decoded for the next round (a
+    hit), while the previous round's dataset and a shard removed from the directory are freed, so a
+    node serving many rounds holds one split's images, not every round's."""
     images, labels = mnist5k
     train = tmp_path / "train"
+    previous = None
     for round_number in range(6):
         data.write_shard(train / f"shard-{round_number}.csv", images[:200], labels[:200])
         dataset = data.load_split(tmp_path, "train")
         assert len(dataset) == 200 * (round_number + 1)
-        assert len(data._dataset_cache) == 1
-        assert {Path(k[0]).name for k in data._shard_cache} == {p.name for p in train.iterdir()}
+        assert not any(data.cached_shard(p, True)[1] for p in train.iterdir())  # every shard a hit
+        del dataset
+        gc.collect()
+        assert previous is None or previous() is None
+        previous = weakref.ref(data.load_split(tmp_path, "train"))
+    removed = weakref.ref(data.cached_shard(train / "shard-0.csv", True)[0])
     (train / "shard-0.csv").unlink()
-    data.load_split(tmp_path, "train")
-    assert len(data._shard_cache) == 5 and len(data._dataset_cache) == 1
+    assert len(data.load_split(tmp_path, "train")) == 1000
+    gc.collect()
+    assert previous() is None and removed() is None
+    assert not any(data.cached_shard(p, True)[1] for p in train.iterdir())
 
 
 def test_in_memory_npz_reader_refuses_object_and_huge_members(seed_path):

@@ -248,7 +248,7 @@ def test_bulk_and_row_by_row_paths_agree_on_good_and_bad_rows(tmp_path, mnist5k,
     write(tmp_path / "plain.csv", [HEADER] + rows)
     quoted = [HEADER] + rows[:-1] + [rows[-1].replace(",,,", ',"quoted, field",,')]
     write(tmp_path / "quoted.csv", quoted)
-    deferred = slow_lines(monkeypatch)
+    deferred = rows_parsed_one_by_one(monkeypatch)
     plain = data.read_shard(tmp_path / "plain.csv")
     assert deferred == [12, 1236, 2502, 3001]  # the usual rows (two blocks of them) never leave the bulk path
     slow = data.read_shard(tmp_path / "quoted.csv")
@@ -277,38 +277,47 @@ def test_a_split_is_a_directory_or_a_single_csv(tmp_path, monkeypatch):
     assert not data.has_split(tmp_path, "predict")
 
 
-def slow_lines(monkeypatch) -> list[int]:
-    """The line numbers the general reader is handed from now on (the bulk path defers to it)."""
+def rows_parsed_one_by_one(monkeypatch) -> list[int]:
+    """The lines given to the per-row parser (``ShardBuilder.add_row``, the general reader's) from now on;
+    the bulk path fills the builder's arrays a block at a time without it."""
     seen: list[int] = []
-    general = shards.reader._Lines.slow_line
+    add_row = shards.rows.ShardBuilder.add_row
 
-    def recording(self, line, raw):
+    def recording(self, line, *fields):
         seen.append(line)
-        return general(self, line, raw)
+        return add_row(self, line, *fields)
 
-    monkeypatch.setattr(shards.reader._Lines, "slow_line", recording)
+    monkeypatch.setattr(shards.rows.ShardBuilder, "add_row", recording)
     return seen
 
 
 @pytest.mark.parametrize("labels_required", [True, False])
 def test_the_usual_rows_of_an_export_take_the_bulk_path(tmp_path, mnist5k, monkeypatch, labels_required):
-    """Mutation: a bulk path that declines rows it could take (a stricter check of ids, labels,
-    the image's length or the comma count): the rows are still right, but read slowly; this sees it."""
+    """Every row of a usual export (decimal ids up to 18 digits, a one-digit or empty label, a raw image,
+    empty extra columns) is read in bulk, none parsed one by one: the shard reads at the bulk path's speed
+    (bench/ingest.py), with the same rows."""
     images, labels = mnist5k
     labels = labels[:300] if labels_required else np.full(300, data.NO_LABEL)
     path = data.write_shard(tmp_path / "s.csv", images[:300], labels, np.arange(300) * 10**15)
-    deferred = slow_lines(monkeypatch)
+    one_by_one = rows_parsed_one_by_one(monkeypatch)
     shard = data.read_shard(path, labels_required=labels_required)
-    assert deferred == [] and len(shard.labels) == 300
+    assert one_by_one == [] and len(shard.labels) == 300
     np.testing.assert_array_equal(shard.image_ids, np.arange(300) * 10**15)
     np.testing.assert_array_equal(shard.labels, labels)
 
 
-def test_shards_and_prediction_files_end_every_line_with_lf(tmp_path, mnist5k):
-    """The bytes on disk: text read back with universal newlines would hide a CRLF.
+def test_the_general_reader_alone_parses_every_row_one_by_one(tmp_path, mnist5k, monkeypatch):
+    """``fast=False`` is the reference the bulk path is checked against: no row may take the bulk path then."""
+    images, labels = mnist5k
+    path = data.write_shard(tmp_path / "s.csv", images[:20], labels[:20])
+    one_by_one = rows_parsed_one_by_one(monkeypatch)
+    shard = data.read_shard(path, fast=False)
+    assert one_by_one == list(range(2, 22)) and len(shard.labels) == 20
 
-    Mutation: a CSV writer without ``lineterminator="\\n"`` (the csv module's default is CRLF).
-    """
+
+def test_shards_and_prediction_files_end_every_line_with_lf(tmp_path, mnist5k):
+    """Shards and prediction files end every line with LF, never CRLF (the csv module's default): checked on
+    the bytes on disk, since text read back with universal newlines would hide a CRLF."""
     images, labels = mnist5k
     shard = data.write_shard(tmp_path / "s.csv", images[:3], labels[:3]).read_bytes()
     predictions = data.write_predictions(tmp_path / "p.csv", np.arange(3), np.array([1, 2, 3]),

@@ -131,10 +131,8 @@ def test_metrics_are_logged_every_50_batches_and_every_epoch(started, seed_path,
 
 def test_abort_stops_training_at_the_next_batch(started, seed_path):
     """1000 images in batches of 10: an abort at the 30th check stops before batch 30, long before
-    the first metric log (batch 50), so no metric and no model leave the callback.
-
-    Mutation: check for abort once per epoch instead of before every batch (``on_batch`` moved out
-    of the batch loop): the epoch makes ~4 checks (with log_metric's own), never raises, and this fails.
+    the first metric log (batch 50), so no metric and no model leave the callback: an abort is seen
+    before every batch, not once per epoch.
     """
     client, runtime = started
     runtime.abort_at_check = 30
@@ -146,10 +144,8 @@ def test_abort_stops_training_at_the_next_batch(started, seed_path):
 
 def test_the_train_result_names_the_exact_shard_bytes_it_trained_on(started, seed_path, node_dir, mnist5k):
     """``data_fingerprint`` is checked against the sha256 of the files on disk, computed here, not
-    against ``data.load_split`` (the same cached Dataset the callback used).
-
-    Mutations: a constant fingerprint, or one over the first shard only (``shards[:1]`` in
-    ``data._combine``): one of the two comparisons fails.
+    against ``data.load_split`` (the same cached Dataset the callback used): it names exactly the bytes
+    trained on, every shard of them, and changes when they do.
     """
     client, _ = started
     images, labels = mnist5k
@@ -171,11 +167,8 @@ def test_the_train_result_names_the_exact_shard_bytes_it_trained_on(started, see
 
 @pytest.mark.parametrize("asked", ["fp32", "bf16", "auto"])
 def test_the_train_result_says_which_precision_computed(started, seed_path, node_dir, mnist5k, asked):
-    """``auto``'s expectation comes from /proc/cpuinfo (conftest), not from ``hardware.bf16_supported``.
-
-    Mutation: report the requested setting instead of what the loop used (``settings.precision``):
-    ``auto`` is reported as "auto" and this fails.
-    """
+    """The result names the precision the loop computed in (``auto`` resolved to bf16 or fp32), never the
+    setting asked for. The expectation comes from /proc/cpuinfo (conftest), not ``hardware.bf16_supported``."""
     client, _ = started
     images, labels = mnist5k
     shutil.rmtree(node_dir / "train")

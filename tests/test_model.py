@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -152,10 +153,7 @@ def test_dropout_masks_follow_the_generator_and_the_memory_layout():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_a_module_in_any_precision_gives_float32_parameters(dtype):
-    """The federation gets float32 arrays whatever precision the module was kept in.
-
-    Mutation: get_parameters converts to the CPU only (``.to("cpu", None)`` or ``.to("cpu")``), keeping the dtype.
-    """
+    """The federation gets float32 arrays, equal to the module's values, whatever precision the module was kept in."""
     net = model.new_model(0)
     want = [p.to(dtype).float().numpy() for p in net.state_dict().values()]
     got = model.get_parameters(net.to(dtype))
@@ -165,11 +163,7 @@ def test_a_module_in_any_precision_gives_float32_parameters(dtype):
 
 
 def test_big_endian_arrays_load_into_the_module():
-    """Arrays in big-endian byte order (as a file from a big-endian machine holds them) load as the same weights.
-
-    Mutation: set_parameters hands the arrays to torch without converting them to native float32 (``dtype=None``
-    or no dtype), which torch.from_numpy refuses for a foreign byte order.
-    """
+    """Arrays in big-endian byte order (as a file from a big-endian machine holds them) load as the same weights."""
     params = model.get_parameters(model.new_model(5))
     net = model.new_model(0)
     model.set_parameters(net, [p.astype(">f4") for p in params])
@@ -178,10 +172,8 @@ def test_big_endian_arrays_load_into_the_module():
 
 
 def test_parameters_into_a_module_that_is_not_this_cnn_fail_loudly():
-    """A wrapped module (keys ``0.conv1.weight``...) must not be left silently untouched.
-
-    Mutation: set_parameters loads with ``strict=False`` (or ``strict=None``), which ignores every missing key.
-    """
+    """Parameters for a module that is not this CNN (a wrapped one: keys ``0.conv1.weight``...) fail naming the
+    missing keys, and the module keeps its weights: never silently left as it was while the caller thinks it loaded."""
     wrapped = torch.nn.Sequential(model.new_model(0))
     before = [t.clone() for t in wrapped.state_dict().values()]
     with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "0.conv1.weight"'):
@@ -199,22 +191,16 @@ def test_parameters_into_a_module_that_is_not_this_cnn_fail_loudly():
      "array 7 (fc2.bias) is bool, expected real numbers (float32)"),
 ])
 def test_a_parameter_list_is_refused_naming_its_source_and_what_was_expected(source, call, message):
-    """The whole message: the source (``parameters`` when none is given), the array and the dtype refused.
-
-    Mutation: check_parameters' default source changed ("XXparametersXX", "PARAMETERS").
-    Mutation: set_parameters drops its ``source`` when checking.
-    Mutation: the dtype refusal raised without a message (``ModelFileError(None)``).
-    """
+    """The whole message: the source (``parameters`` when the caller names none, the caller's name otherwise),
+    the array and the dtype refused."""
     with pytest.raises(ModelFileError) as error:
         call(model.get_parameters(model.new_model(0)))
     assert str(error.value) == f"{source}: {message}"
 
 
 def test_a_shape_whose_size_overflows_int64_is_still_past_the_byte_limit(tmp_path):
-    """A header declaring (2**32, 2**32) float32 is 2**66 bytes, not the 0 an int64 product wraps to.
-
-    Mutation: byte_limit multiplies the shape in int64 (``np.prod(shape, dtype=None)`` or no dtype).
-    """
+    """A header declaring (2**32, 2**32) float32 is refused as 2**66 bytes, not read as the 0 an int64 product
+    wraps to: the message gives the exact size."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2**32, 2**32)})
     path = tmp_path / "huge.npz"
@@ -227,20 +213,14 @@ def test_a_shape_whose_size_overflows_int64_is_still_past_the_byte_limit(tmp_pat
 
 
 def test_the_default_seed_is_zero():
-    """``new_model()`` is ``new_model(0)``: the seed a caller gets without asking.
-
-    Mutation: new_model's default seed changed (1 instead of 0).
-    """
+    """``new_model()`` is ``new_model(0)``: the seed a caller gets without asking, so two tools agree on it."""
     default, zero, one = (model.get_parameters(m) for m in (model.new_model(), model.new_model(0), model.new_model(1)))
     assert all(np.array_equal(a, b) for a, b in zip(default, zero))
     assert not np.array_equal(default[0], one[0])
 
 
 def test_a_forward_pass_on_real_digits_warns_about_nothing(mnist5k):
-    """Every batch runs this: a deprecation warning here would flood a node's log.
-
-    Mutation: log_softmax without ``dim=1`` (``dim=None`` or dropped), which torch warns about on each call.
-    """
+    """Every batch runs this: a warning here (such as torch's implicit-dimension warning) would flood a node's log."""
     images, _ = mnist5k
     x = torch.from_numpy(images[:8].astype(np.float32)[:, None] / 255)
     with warnings.catch_warnings():
@@ -249,40 +229,56 @@ def test_a_forward_pass_on_real_digits_warns_about_nothing(mnist5k):
     torch.testing.assert_close(out.exp().sum(1), torch.ones(8))
 
 
-def reference_bytes(count: int, seed: int) -> tuple[torch.Tensor, torch.Generator]:
-    """The byte stream random_bytes_like promises: ceil(count / 8) full-range int64 draws, as bytes."""
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.empty((count + 7) // 8, dtype=torch.int64).random_(-(2**63), None, generator=generator)
-    return draws.view(torch.uint8)[:count], generator
-
-
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "transposed", "flat"])
-def test_mask_bytes_fill_the_tensor_in_its_memory_order_from_ceil_n_over_8_draws(layout):
-    """Byte k of the generator's stream lands on the k-th element in memory (NCHW or channels_last; any other
-    layout in row-major order), and the generator advances by exactly ceil(n / 8) 64-bit draws.
-
-    Mutation: random_bytes_like draws one number more when n is a multiple of 8 (``(count + 8) // 8``).
-    Mutation: the channels_last branch taken for other tensors or skipped for channels_last ones (``or`` for
-    ``and``, ``dim() != 4``, ``dim() == 5``, ``is_contiguous()`` for ``not is_contiguous()``).
-    """
+def test_a_mask_is_the_same_byte_stream_in_the_tensors_memory_order_whatever_its_layout(layout):
+    """A tensor's mask, read in its memory order, is the byte stream the same generator gives a plain vector
+    of that size: a channels_last batch (the training layout) gets a channels_last mask with no reorder, any
+    other layout its bytes in row-major order of its shape."""
     base = torch.ones(2, 3, 4, 5)
     x = {"nchw": base, "channels_last": base.contiguous(memory_format=torch.channels_last),
          "transposed": base.transpose(2, 3), "flat": torch.ones(8, 16)}[layout]
-    generator = torch.Generator().manual_seed(11)
-    got = random_bytes_like(x, generator)
-    want, reference = reference_bytes(x.numel(), 11)
+    got = random_bytes_like(x, torch.Generator().manual_seed(11))
+    stream = random_bytes_like(torch.ones(x.numel()), torch.Generator().manual_seed(11))
     in_memory_order = got.permute(0, 2, 3, 1) if layout == "channels_last" else got
-    assert got.shape == x.shape and torch.equal(in_memory_order.reshape(-1), want)
-    assert torch.equal(generator.get_state(), reference.get_state())
+    assert got.shape == x.shape and torch.equal(in_memory_order.reshape(-1), stream)
+    assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+def test_a_mask_takes_eight_bytes_from_each_64_bit_draw():
+    """Masks of 113 to 120 elements advance the generator alike and 121 elements by one draw more: eight mask
+    bytes per 64-bit number, none wasted (dropout1's 590k-element mask per batch costs 74k draws)."""
+
+    def state_after(count: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(5)
+        random_bytes_like(torch.ones(count), generator)
+        return generator.get_state()
+
+    assert torch.equal(state_after(113), state_after(120))
+    assert not torch.equal(state_after(120), state_after(121))
 
 
 def test_dropout_with_p_zero_is_the_identity_and_draws_nothing():
-    """``Dropout(0.0)`` in training returns its input itself and leaves the generator where it was.
-
-    Mutation: Dropout.forward masks for ``p >= 0``, drawing random bytes (and copying) for p = 0.
-    """
+    """``Dropout(0.0)`` in training returns its input itself (no copy) and leaves the generator where it was."""
     generator = torch.Generator().manual_seed(3)
     before = generator.get_state()
     x = torch.rand(4, 128)
     assert Dropout(0.0).train()(x, generator) is x
     assert torch.equal(generator.get_state(), before)
+
+
+def test_the_npz_writer_never_pickles():
+    """An object array is refused, not pickled: every npz this package writes reads with ``allow_pickle=False``."""
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        npz.write_arrays(io.BytesIO(), [np.zeros(3, np.float32), np.array([{"weights": 1}], dtype=object)])
+
+
+def test_every_member_is_deflated_at_the_documented_level(tmp_path):
+    """``npz.LEVEL`` (1: the same size as higher levels for float32 weights, in less time) is the level of every
+    member, so the bytes of a file, and the hash a seed is checked by, depend on nothing else."""
+    params = model.get_parameters(model.new_model(0))
+    with zipfile.ZipFile(model.save_npz(params, tmp_path / "a.npz")) as archive:
+        for info, array in zip(archive.infolist(), params, strict=True):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, array, allow_pickle=False)
+            deflate = zlib.compressobj(npz.LEVEL, zlib.DEFLATED, -15)
+            assert info.compress_size == len(deflate.compress(member.getvalue()) + deflate.flush()), info.filename

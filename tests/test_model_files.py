@@ -292,9 +292,7 @@ def test_a_zip_declaring_more_than_a_model_can_need_is_refused_unread(tmp_path):
 @pytest.mark.parametrize("force_no_weights_only", [False, True])
 def test_a_pth_that_needs_more_than_weights_is_refused_without_running_it(tmp_path, monkeypatch, force_no_weights_only):
     """Refused, and the pickle never runs, even where ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns
-    torch's default off (an explicit ``weights_only=True`` still holds).
-
-    Mutation: load_pth relies on torch's default (``weights_only=None`` or dropped), so the pickle runs.
+    torch's default off: the node's own ``weights_only=True`` holds whatever the environment says.
     """
     if force_no_weights_only:
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
@@ -364,14 +362,8 @@ def signaling_nan(count: int) -> np.ndarray:
 )
 def test_float64_weights_that_float32_cannot_hold_are_refused_with_one_clean_error(tmp_path, last, message):
     """Finite float64 values past float32's range would become infinity: refused, saying the largest magnitude;
-    and the check itself emits no numpy RuntimeWarning on the way (warnings are errors here).
-
-    Mutation: the float32 cast in _check_finite with numpy's 'over' or 'invalid' warnings left on (``None`` or
-    dropped from np.errstate).
-    Mutation: the finiteness test done on the original dtype (``astype(None)``), so 1e300 passes.
-    Mutation: the non-finite branch taken for every float array (``kind == "f" or ...``).
-    Mutation: the largest magnitude not computed (``None``, ``float(None)``, ``np.abs(None)``, ``astype(None)``)
-    or the overflow message dropped.
+    NaN or infinity is refused as non-finite; and the check itself emits no numpy RuntimeWarning on the way
+    (warnings are errors here), so a node's log holds the one clean error and nothing else.
     """
     path = npz_of(tmp_path / "m.npz", members([p.astype(np.float64) for p in params()[:7]] + [last]))
     with warnings.catch_warnings():
@@ -382,10 +374,8 @@ def test_float64_weights_that_float32_cannot_hold_are_refused_with_one_clean_err
 
 
 def test_an_npz_member_is_read_only_as_far_as_its_header_declares(tmp_path):
-    """Bytes after a member's declared data are never read (a member cannot make the node read more).
-
-    Mutation: npz.read_member reads the member to its end (``member.read(None)``) instead of the declared size.
-    """
+    """Bytes after a member's declared data are never read (a member cannot make the node read more than its
+    header declares), and the weights load as written."""
     original = params()
     with zipfile.ZipFile(tmp_path / "m.npz", "w") as archive:
         for name, array in members(original).items():
@@ -397,10 +387,7 @@ def test_an_npz_member_is_read_only_as_far_as_its_header_declares(tmp_path):
 
 
 def test_a_zip_with_data_pkl_at_its_root_is_a_pth(tmp_path):
-    """``data.pkl`` itself (not only ``<name>/data.pkl``) marks a torch file.
-
-    Mutation: model_file_kind compares the entry with another name ("XXdata.pklXX", "DATA.PKL").
-    """
+    """``data.pkl`` itself (not only ``<name>/data.pkl``), spelled exactly so, marks a torch file."""
     with zipfile.ZipFile(tmp_path / "m.zip", "w") as archive:
         archive.writestr("data.pkl", b"")
     assert model.model_file_kind(tmp_path / "m.zip") == "pth"
@@ -419,21 +406,16 @@ def _rewritten_pth(tmp_path, change) -> str:
 
 
 def test_a_pth_from_a_gpu_node_loads_on_the_cpu(tmp_path):
-    """``torch.save`` of CUDA tensors tags each storage ``cuda:0``; the CPU-only node maps them to the CPU.
-
-    Mutation: load_pth without ``map_location="cpu"`` (``None`` or dropped): torch then refuses CUDA storages.
-    """
+    """``torch.save`` of CUDA tensors tags each storage ``cuda:0``; the CPU-only node loads them onto the CPU,
+    the same weights."""
     path = _rewritten_pth(tmp_path, lambda pkl: pkl.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0"))
     for got, want in zip(model.load_pth(path), params()):
         np.testing.assert_array_equal(got, want)
 
 
 def test_a_pth_whose_error_has_no_text_is_named_by_the_error_type(tmp_path):
-    """An empty ``data.pkl`` makes torch's restricted unpickler raise a bare ``EOFError()``.
-
-    Mutation: load_pth always takes the first line of the (empty) text (``... or True``, ``str(None)``): IndexError.
-    Mutation: load_pth names ``type(None)`` instead of the error's type.
-    """
+    """An empty ``data.pkl`` makes torch's restricted unpickler raise a bare ``EOFError()``: the refusal then
+    names the error's type, since it has no text to quote."""
     path = _rewritten_pth(tmp_path, lambda pkl: b"")
     with pytest.raises(ModelFileError) as error:
         model.load_pth(path)
@@ -445,10 +427,7 @@ DROP_CACHES = "/proc/sys/vm/drop_caches"  # a regular file that only root may wr
 
 @pytest.mark.skipif(not os.path.isfile(DROP_CACHES), reason="needs Linux /proc/sys")
 def test_a_model_file_the_node_may_not_open_says_why():
-    """A real EACCES from open(), even as root: the message names the file and the OS's reason, nothing else.
-
-    Mutation: load_npz raises ``ModelFileError(None)``, or shows the whole OSError (``strerror and error``).
-    """
+    """A real EACCES from open(), even as root: the message names the file and the OS's reason, nothing else."""
     with pytest.raises(ModelFileError) as error:
         model.load_npz(DROP_CACHES)
     assert str(error.value) == f"{DROP_CACHES}: cannot read model file (Permission denied)"

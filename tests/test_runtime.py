@@ -23,9 +23,15 @@ only_1_1 = pytest.mark.skipif(not ON_1_1, reason="scaleout 1.1's runtime protoco
 
 
 @pytest.fixture
-def client(tmp_path, monkeypatch) -> EdgeClient:
+def recorder() -> runtime.LocalRuntime:
+    """The runtime the client hands everything to: what it records is what a server would read."""
+    return runtime.LocalRuntime()
+
+
+@pytest.fixture
+def client(tmp_path, monkeypatch, recorder) -> EdgeClient:
     monkeypatch.chdir(tmp_path)  # EdgeClient makes its model cache in the working directory
-    return EdgeClient(runtime=runtime.LocalRuntime())
+    return EdgeClient(runtime=recorder)
 
 
 def protocol_members() -> dict[str, object]:
@@ -48,8 +54,7 @@ def test_local_runtime_has_every_member_of_the_installed_lines_protocol() -> Non
             assert set(wanted) <= set(taken) and len(wanted) <= len(taken), (name, list(wanted), list(taken))
 
 
-def test_metrics_are_numbers_and_none_becomes_0_as_on_a_node(client: EdgeClient) -> None:
-    recorder = client._runtime
+def test_metrics_are_numbers_and_none_becomes_0_as_on_a_node(client: EdgeClient, recorder) -> None:
     with client.logging_context(LoggingContext(model_id="m", round_id="r", session_id="s")):
         assert client.log_metric({"training_loss": 1, "none": None})
         with pytest.raises(TypeError):
@@ -58,60 +63,61 @@ def test_metrics_are_numbers_and_none_becomes_0_as_on_a_node(client: EdgeClient)
                                  "round_id": "r"}]
 
 
-def test_attributes_reach_the_server_as_plain_values_on_each_line(client: EdgeClient) -> None:
+def test_attributes_reach_the_server_as_plain_values_on_each_line(client: EdgeClient, recorder) -> None:
     values = {"count": 37, "accuracy": 0.5, "error": "bad row", "loss": math.nan}
     client.log_attributes(edge.attribute_values(values))
     if ON_1_1:  # AttributeRecord payloads: the values themselves; NaN is not JSON, so null
-        assert client._runtime.attributes == [{"count": 37, "accuracy": 0.5, "error": "bad row", "loss": None}]
+        assert recorder.attributes == [{"count": 37, "accuracy": 0.5, "error": "bad row", "loss": None}]
     else:  # AttributeMessage: strings only, numbers as their JSON text
-        assert client._runtime.attributes == [{"count": "37", "accuracy": "0.5", "error": "bad row", "loss": "null"}]
+        assert recorder.attributes == [{"count": "37", "accuracy": "0.5", "error": "bad row", "loss": "null"}]
 
 
-def test_the_line_rejects_what_its_attribute_message_cannot_carry(client: EdgeClient) -> None:
+def test_the_line_rejects_what_its_attribute_message_cannot_carry(client: EdgeClient, recorder) -> None:
     if ON_1_1:
         with pytest.raises(TypeError):
             client.log_attributes({"when": object()})
         client.log_attributes({"count": 3})
-        assert client._runtime.attributes == [{"count": 3}]
+        assert recorder.attributes == [{"count": 3}]
     else:
         with pytest.raises(TypeError):
             client.log_attributes({"count": 3})
 
 
-def test_telemetry_is_recorded_per_key(client: EdgeClient) -> None:
+def test_telemetry_is_recorded_per_key(client: EdgeClient, recorder) -> None:
     if ON_1_1:
         assert client.log_telemetry(key="temperature", payload={"value": 41.5, "unit": "C"})
-        assert client._runtime.telemetry == [{"key": "temperature", "payload": {"value": 41.5, "unit": "C"}}]
+        assert recorder.telemetry == [{"key": "temperature", "payload": {"value": 41.5, "unit": "C"}}]
     else:
         assert client.log_telemetry({"memory_usage": 12.5})
-        assert client._runtime.telemetry == [{"key": "memory_usage", "payload": {"value": 12.5}}]
+        assert recorder.telemetry == [{"key": "memory_usage", "payload": {"value": 12.5}}]
 
 
 @only_1_1
-def test_edge_client_hands_itself_to_the_runtime_and_reads_a_healthy_link(client: EdgeClient) -> None:
+def test_edge_client_hands_itself_to_the_runtime_and_reads_a_healthy_link(client: EdgeClient, recorder) -> None:
     from scaleoututil.queue import LinkQuality
 
-    assert client._runtime.client is client
+    assert recorder.client is client
     assert client.link_quality == LinkQuality.HEALTHY
 
 
 @only_1_1
-def test_inference_results_need_an_inference_context(client: EdgeClient) -> None:
+def test_inference_results_need_an_inference_context(client: EdgeClient, recorder) -> None:
     from scaleout.client.inference_context import InferenceContext
 
     assert client.log_inference_result("digit", {"label": 7}) is False
     with client.inference_context(InferenceContext(inference_id="i-1", model_id="m-1")):
         assert client.log_inference_result("digit", {"label": 7})
-    assert client._runtime.inference_results == [
+    assert recorder.inference_results == [
         {"key": "digit", "payload": {"label": 7}, "inference_id": "i-1", "model_id": "m-1"}]
 
 
 @only_1_1
-def test_an_autonomous_task_runs_on_its_own_thread_knows_its_id_and_can_be_aborted(client: EdgeClient) -> None:
+def test_an_autonomous_task_runs_on_its_own_thread_knows_its_id_and_can_be_aborted(client: EdgeClient,
+                                                                                   recorder) -> None:
     seen, started = {}, threading.Event()
 
     def work() -> None:
-        seen["task_id"] = client._runtime.get_current_task_id()
+        seen["task_id"] = recorder.get_current_task_id()
         started.set()
         while True:
             client.check_task_abort()
@@ -120,7 +126,7 @@ def test_an_autonomous_task_runs_on_its_own_thread_knows_its_id_and_can_be_abort
     task = client.start_autonomous_task(work, "survey", {"area": 3})
     assert started.wait(10)
     assert task.request.type == "Autonomous_survey" and seen["task_id"] == task.correlation_id
-    assert client._runtime.get_current_task_id() is None  # not on the task's thread
+    assert recorder.get_current_task_id() is None  # not on the task's thread
     with task.lock:
         task.interrupted, task.interrupted_reason = True, "Aborted by server"
     task.runner_thread.join(10)

@@ -62,13 +62,10 @@ def test_the_limits_themselves_are_accepted():
     ("dp_max_grad_norm", 0.99e-6),
 ])
 def test_one_past_a_limit_is_refused(key, value):
-    """``learning_rate: inf`` is refused by the upper bound (there is no other inf check), as is
-    every ``dp_*`` inf (bounded by the largest float).
-
-    Mutations: drop ``<= limit`` (inf and 1000.0001 accepted), ``<=`` made ``<`` for any bound
-    (the limits test above fails), or a ``dp_*`` range's low end dropped (1e-200 would reach the
-    accountant and divide by zero there).
-    """
+    """Anything past a bound is refused with a SettingsError naming the key: ``learning_rate: inf`` by its
+    upper bound (there is no other inf check), every ``dp_*`` inf and a ``dp_*`` value just outside its range
+    at either end (σ and C from 1e-6 to 100: the accountant's domain) by that range, a wrong type or a None
+    where a number is required too."""
     with pytest.raises(SettingsError, match=f"^setting '{key}' must be "):
         parse_settings({key: value})
 
@@ -116,6 +113,7 @@ def test_the_settings_as_a_dict_are_every_field():
     ({"dp_epsilon": None, "optimizer": "rmsprop"}, "optimizer"),
 ])
 def test_a_none_does_not_end_the_checks_of_the_settings_after_it(raw, key):
-    """Mutation: ``continue`` made ``break`` after a None (every setting after it is taken unchecked)."""
+    """A setting given as None (meaning "the default") does not stop the checks: every setting after it is
+    still checked."""
     with pytest.raises(SettingsError, match=f"^setting '{key}' must be "):
         parse_settings(raw)

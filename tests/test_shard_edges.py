@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import shards_fingerprint
+from conftest import frozen_times, shards_fingerprint
 from hostile import HEADER, b64_raw, rows, write_lines
 from mnist_edge import data, shards
 from mnist_edge.data import DataError
@@ -68,11 +68,8 @@ def test_only_ascii_digits_are_numbers(tmp_path, mnist5k, field, value):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_an_image_id_beyond_64_bits_is_a_bad_row_and_the_extremes_are_kept(tmp_path, mnist5k, fast):
-    """ids are int64: 2**63-1 and -2**63 are kept, one past either end (and a 20-digit id) is a bad row.
-
-    Mutation: delete the 64-bit range check in ``ShardBuilder._image_id``: the 20-digit id then
-    raises OverflowError out of ``read_shard`` instead of being skipped; ``<`` made ``<=``: 2**63 is kept.
-    """
+    """ids are int64: 2**63-1 and -2**63 are kept, one past either end (and a 20-digit id) is a bad row
+    naming the id, on both paths; never an OverflowError out of the reader."""
     images, labels = mnist5k
     ids = [2**63 - 1, -(2**63), 2**63, -(2**63) - 1, 10**19 * 9 + 7, 5]
     lines = [f"{i},{labels[k]},{b64_raw(images[k])},,," for k, i in enumerate(ids)]
@@ -89,10 +86,8 @@ def test_an_image_id_beyond_64_bits_is_a_bad_row_and_the_extremes_are_kept(tmp_p
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_a_line_of_exactly_the_limit_is_a_row_and_one_byte_more_is_not(tmp_path, mnist5k, fast):
-    """Both lines quote their location, so whichever path reads the file, the general reader judges them.
-
-    Mutation: ``>=`` for ``>`` at the line limit; the bad row's line number or reason lost.
-    """
+    """A line of exactly MAX_LINE_BYTES is read; one byte longer is a bad row with its line number and reason.
+    Both lines quote their location, so whichever path reads the file, the general reader judges them."""
     images, labels = mnist5k
     row = f"7,{labels[0]},{b64_raw(images[0])},,,"
     pad = shards.MAX_LINE_BYTES - len(row) - 2  # two quote characters
@@ -180,9 +175,9 @@ def test_an_old_rewrite_is_seen_by_its_change_time(tmp_path, mnist5k, monkeypatc
 
 def test_a_same_tick_rewrite_is_caught_by_content(tmp_path, mnist5k, monkeypatch):
     """Where timestamps cannot tell (a coarse clock: same tick, same size), the recent file is re-hashed."""
-    monkeypatch.setattr(data, "_stamp", lambda status: (status.st_ino, status.st_size))  # what such a filesystem shows
     images, labels = mnist5k
     path = data.write_shard(tmp_path / "train" / "s.csv", images[:50], np.full(50, 3))
+    frozen_times(monkeypatch, path)  # what such a filesystem shows
     assert set(data.load_split(tmp_path, "train").labels) == {3}
     with open(path, "r+b") as handle:  # in place: same inode, same size
         handle.write(data.write_shard(tmp_path / "new.csv", images[:50], np.full(50, 6)).read_bytes())
@@ -201,8 +196,8 @@ def test_the_fingerprint_is_of_the_bytes_trained_on(tmp_path, mnist5k):
 
 
 def test_a_hashing_error_is_raised_by_hexdigest_and_never_stalls_the_reader():
-    """Mutation: the worker forgets its error (hexdigest returns the hash of part of the data), or stops
-    taking blocks after it (the reader's next ``update`` calls block for good once the queue is full)."""
+    """An error while hashing is raised by ``hexdigest`` (never a digest of part of the data), and the reader's
+    later ``update`` calls keep returning: a failed hash never stalls the shard reader on a full queue."""
     digest = BackgroundSha256(depth=2)
     fed = threading.Event()
 
@@ -275,9 +270,6 @@ def test_an_unreadable_train_split_fails_naming_it(node_dir, tmp_path):
 def test_a_full_builder_grows_by_half_plus_1024_rows_and_keeps_its_rows(tmp_path, mnist5k, capacity):
     """Reserving only the room left reallocates nothing; one row more grows the arrays geometrically
     (1.5x + 1024 rows, so a shard far bigger than its estimate costs few reallocations), rows intact.
-
-    Mutation: ``needed >= len`` for ``>`` in ``ShardBuilder.reserve`` (grows when full to the brim), or
-    ``* 4 // 2``, ``* 3 // 3``, ``- 1024``, ``+ 1025`` in its new capacity.
     """
     images, labels = mnist5k
     builder = shards.rows.ShardBuilder(tmp_path / "s.csv", capacity, (0, 1, 2), ["image_id", "label", "image"], True)
@@ -292,3 +284,165 @@ def test_a_full_builder_grows_by_half_plus_1024_rows_and_keeps_its_rows(tmp_path
     assert shard.image_ids.tolist() == list(range(n + 1))
     np.testing.assert_array_equal(shard.images, images[: n + 1])
     np.testing.assert_array_equal(shard.labels, labels[: n + 1])
+
+
+# -- what the reader refuses, and the exact words -------------------------------------------------------------
+
+
+def read_in_thread(path) -> object:
+    """``read_shard(path)``'s result or error, or a failure if it blocks (as opening a FIFO for reading does)."""
+    outcome = {}
+
+    def read() -> None:
+        try:
+            outcome["value"] = data.read_shard(path)
+        except Exception as error:  # noqa: BLE001 (handed to the test)
+            outcome["value"] = error
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), f"read_shard({path}) blocked"
+    return outcome["value"]
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_shard_that_is_no_regular_file_is_refused_at_once_naming_what_it_is(tmp_path, kind):
+    """Handed a directory or a FIFO directly (or one that replaced a listed shard), the reader says what it is
+    and never waits for a writer on the FIFO."""
+    path = tmp_path / "s.csv"
+    path.mkdir() if kind == "directory" else os.mkfifo(path)
+    error = read_in_thread(path)
+    what = "a directory" if kind == "directory" else "a FIFO, device or socket"
+    assert isinstance(error, DataError) and str(error) == f"{path}: is {what}, expected a regular CSV file"
+
+
+def test_a_shard_that_is_gone_is_named_with_the_reason(tmp_path):
+    with pytest.raises(DataError) as error:
+        data.read_shard(tmp_path / "gone.csv")
+    assert str(error.value) == f"{tmp_path / 'gone.csv'}: cannot read shard (No such file or directory)"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", ": empty file, expected a header row with image_id, label, image"),
+    (b"image_id,label,im\xffage\n1,2,x\n", ":1: not UTF-8 text (at byte 18 of the line); expected a UTF-8 CSV file"),
+    (b'image_id,label,"image"x\n1,2,x\n', ":1: malformed CSV header (',' expected after '\"')"),
+], ids=["empty", "not-utf8", "bad-quoting"])
+def test_a_header_that_cannot_be_read_says_why_in_full(tmp_path, content, message):
+    """Never a header read loosely (``"image"x`` is no column name): the file is refused as no shard, with
+    nothing of its content in the message, and the command line (``local_message``) gets the file (and line)
+    and what is wrong in full."""
+    path = tmp_path / "s.csv"
+    path.write_bytes(content)
+    with pytest.raises(shards.HeaderError) as error:
+        data.read_shard(path)
+    assert str(error.value) == (f"{path}:1: not a CSV shard: expected line 1 to be a header naming image_id, "
+                                "label, image (each once); the file's content is not shown (a headerless or "
+                                "empty shard, a misspelt or repeated column, or not a shard)")
+    assert error.value.local_message == f"{path}{message}"
+
+
+def test_a_utf8_bom_before_the_header_is_no_part_of_the_first_column(tmp_path, mnist5k):
+    """Spreadsheets write "CSV UTF-8" with a byte-order mark: ``image_id`` first is still ``image_id``."""
+    images, labels = mnist5k
+    path = write_lines(tmp_path / "s.csv", [HEADER, *rows(images[:3], labels[:3])])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    shard = data.read_shard(path)
+    assert shard.image_ids.tolist() == [0, 1, 2] and shard.rows_skipped == 0
+
+
+def test_a_shards_arrays_have_the_documented_types(tmp_path, mnist5k):
+    """uint8 images, int64 ids and labels (NO_LABEL where unlabelled), whatever the shard held."""
+    images, labels = mnist5k
+    path = data.write_shard(tmp_path / "s.csv", images[:3], np.array([labels[0], data.NO_LABEL, labels[2]]))
+    for fast in (True, False):
+        shard = data.read_shard(path, labels_required=False, fast=fast)
+        assert (shard.images.dtype, shard.image_ids.dtype, shard.labels.dtype) == (np.uint8, np.int64, np.int64)
+
+
+# -- block boundaries: a shard is read in blocks of shards.reader.BLOCK_BYTES -----------------------------------
+
+
+def filled(images, labels, size: int, eol: bytes = b"\n", header: str = HEADER) -> bytearray:
+    """The header and real rows, exactly ``size`` bytes, ending in ``eol`` (the last row padded in location)."""
+    text = bytearray(header.encode() + eol)
+    k = 0
+    while size - len(text) > 2 * 1100 + len(eol):
+        text += f"{k},{labels[k % 500]},{b64_raw(images[k % 500])},,,".encode() + eol
+        k += 1
+    last = f"{k},{labels[k % 500]},{b64_raw(images[k % 500])},,,"
+    text += (last + "y" * (size - len(text) - len(last) - len(eol))).encode() + eol
+    assert len(text) == size
+    return text
+
+
+def tail_rows(images, labels, start: int, count: int, eol: bytes = b"\n") -> bytes:
+    return b"".join(f"{start + i},{labels[i]},{b64_raw(images[i])},,,".encode() + eol for i in range(count))
+
+
+def test_a_crlf_split_by_a_block_boundary_is_still_one_line_read_in_bulk(tmp_path, mnist5k, monkeypatch):
+    """A Windows export whose CR ends one block and LF starts the next: every row is read whole, at the bulk
+    path's speed, and so is its last row when the file ends in a bare CR."""
+    from test_data import rows_parsed_one_by_one
+
+    images, labels = mnist5k
+    block = shards.reader.BLOCK_BYTES
+    content = filled(images, labels, block + 1, eol=b"\r\n") + tail_rows(images, labels, 10_000, 20, b"\r\n")
+    assert content[block - 1 : block + 1] == b"\r\n"
+    path = tmp_path / "s.csv"
+    path.write_bytes(bytes(content[:-1]))  # the last LF gone: the file ends in CR
+    one_by_one = rows_parsed_one_by_one(monkeypatch)
+    shard = data.read_shard(path)
+    assert one_by_one == [] and shard.rows_skipped == 0
+    assert shard.image_ids[-20:].tolist() == list(range(10_000, 10_020))
+    np.testing.assert_array_equal(shard.images[-20:], images[:20])
+
+
+def test_only_the_first_three_bytes_of_a_file_can_be_a_bom(tmp_path, mnist5k):
+    """The same bytes where a later block starts are data: here inside an image, which they make invalid."""
+    images, labels = mnist5k
+    block = shards.reader.BLOCK_BYTES
+    content = filled(images, labels, block - 1000)
+    image = b64_raw(images[7])
+    start = f"900077,{labels[7]},".encode()
+    at = block - len(content) - len(start)  # the image's character at the block boundary
+    content += start + image[:at].encode() + "\ufeff".encode() + image[at:].encode() + b",,,\n"
+    content += tail_rows(images, labels, 10_000, 5)
+    path = tmp_path / "s.csv"
+    path.write_bytes(bytes(content))
+    shard = data.read_shard(path)
+    assert content[block : block + 3] == b"\xef\xbb\xbf"
+    assert shard.rows_skipped == 1 and 900077 not in shard.image_ids and shard.image_ids[-1] == 10_004
+
+
+@pytest.mark.parametrize("extra, kept", [(0, True), (1, False)], ids=["at-the-limit", "one-byte-over"])
+def test_a_line_ending_where_a_block_ends_is_judged_by_its_whole_length(tmp_path, mnist5k, extra, kept):
+    """A line of exactly MAX_LINE_BYTES whose newline starts the next block is a row; one byte longer is a bad
+    row; either way every row after it is read."""
+    images, labels = mnist5k
+    block, limit = shards.reader.BLOCK_BYTES, shards.MAX_LINE_BYTES
+    content = filled(images, labels, block - limit - extra)
+    line = f"900055,{labels[5]},{b64_raw(images[5])},,,".encode()
+    content += line + b"y" * (limit + extra - len(line)) + b"\n" + tail_rows(images, labels, 10_000, 30)
+    assert content[block] == ord("\n")
+    path = tmp_path / "s.csv"
+    path.write_bytes(bytes(content))
+    shard = data.read_shard(path)
+    assert (900055 in shard.image_ids) is kept and shard.rows_skipped == (0 if kept else 1)
+    assert shard.image_ids[-30:].tolist() == list(range(10_000, 10_030))
+    if not kept:
+        line_number = content[:block].count(b"\n") + 1
+        assert [(b.line, b.reason) for b in shard.bad_rows] == [
+            (line_number, f"line is longer than {limit} bytes, the limit for one row")]
+
+
+def test_a_last_line_without_a_newline_is_a_whole_row(tmp_path, mnist5k):
+    """Image as the last column: nothing may be added to the final, unterminated line."""
+    images, labels = mnist5k
+    path = tmp_path / "s.csv"
+    path.write_bytes(b"image_id,label,image\n" + "\n".join(f"{i},{labels[i]},{b64_raw(images[i])}"
+                                                            for i in range(3)).encode())
+    for fast in (True, False):
+        shard = data.read_shard(path, fast=fast)
+        assert shard.image_ids.tolist() == [0, 1, 2] and shard.rows_skipped == 0
+        np.testing.assert_array_equal(shard.images, images[:3])

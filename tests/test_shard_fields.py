@@ -33,7 +33,8 @@ from mnist_edge.shards.codecs import PNG_MAGIC
     ('7,3,IMG,,,,"z', "column 7"),  # past the header's columns
 ])
 def test_a_quoting_error_names_the_column_it_is_in(tmp_path, mnist5k, row, column):
-    """Mutation: ``_bad_quote_field`` blames another field (its quote and comma bookkeeping changed)."""
+    """A row skipped for its quoting names the column where the quoting went wrong (a doubled quote, a quote
+    inside an unquoted field and an empty quoted field are fine; past the header it is ``column N``)."""
     images, labels = mnist5k
     image = b64_raw(images[0])
     shard = data.read_shard(write_lines(tmp_path / "s.csv", [HEADER, row.replace("IMG", image), f"1,2,{image},,,"]))
@@ -110,7 +111,7 @@ def test_images_are_encoded_raw_unless_png_is_asked_for(mnist5k):
     assert str(error.value) == "image format must be 'raw' or 'png', got 'jpeg'"
 
 
-# -- messages held whole, and the columns they name (mutation survivors, issue 15) -------------------
+# -- messages held whole, and the columns they name -------------------------------------------------
 
 @pytest.mark.parametrize("row, reason", [
     ('7,3,IMG,,,"lab', ("location: malformed CSV quoting (unexpected end of data; a quote opened in this field "
@@ -118,14 +119,14 @@ def test_images_are_encoded_raw_unless_png_is_asked_for(mnist5k):
     ('"7"x,3,IMG,,,', "image_id: malformed CSV quoting (',' expected after '\"')"),
 ])
 def test_a_quoting_error_says_what_csv_saw_and_hints_only_at_an_open_quote(tmp_path, mnist5k, row, reason):
-    """Mutation: the unclosed-quote hint always added, or its text (or the empty one) changed."""
+    """The whole reason: what the csv module saw, plus a hint about an unclosed quote only where one is open."""
     images, _ = mnist5k
     shard = data.read_shard(write_lines(tmp_path / "s.csv", [HEADER, row.replace("IMG", b64_raw(images[0]))]))
     assert [(b.line, b.reason) for b in shard.bad_rows] == [(2, reason)]
 
 
 def test_a_doubled_quote_inside_a_quoted_field_does_not_move_the_blame(tmp_path, mnist5k):
-    """Mutation: ``_bad_quote_field`` misreads a doubled quote (slice bounds, step, ``continue``)."""
+    """A field that is one doubled quote (``""""``) is fine: the blame falls on the field that never closes."""
     images, _ = mnist5k
     row = f'7,3,{b64_raw(images[0])},"""","x'  # start_datetime is one quote character; end_datetime never closes
     shard = data.read_shard(write_lines(tmp_path / "s.csv", [HEADER, row]))
@@ -134,7 +135,7 @@ def test_a_doubled_quote_inside_a_quoted_field_does_not_move_the_blame(tmp_path,
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_each_bad_row_names_the_column_it_failed_in(tmp_path, mnist5k, fast):
-    """Mutation: the column recorded for a bad label or image is another name (or None); a short row's line lost."""
+    """A bad id, label or image is blamed on its column (a short row on no column), with its line, on both paths."""
     images, labels = mnist5k
     image = b64_raw(images[0])
     good = f"8,{labels[1]},{b64_raw(images[1])},,,"
@@ -151,7 +152,7 @@ def test_each_bad_row_names_the_column_it_failed_in(tmp_path, mnist5k, fast):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_a_row_with_exactly_the_header_columns_is_kept(tmp_path, mnist5k, fast):
-    """Mutation: ``len(fields) <= width`` in ``add_fields``: a row of exactly image_id,label,image is skipped."""
+    """A file with only the three required columns is read whole: a row of exactly those fields is no short row."""
     images, labels = mnist5k
     lines = ["image_id,label,image", f"7,{labels[0]},{b64_raw(images[0])}", f'"8",{labels[1]},{b64_raw(images[1])}']
     shard = data.read_shard(write_lines(tmp_path / "s.csv", lines), fast=fast)
@@ -161,7 +162,7 @@ def test_a_row_with_exactly_the_header_columns_is_kept(tmp_path, mnist5k, fast):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_a_signed_id_or_label_is_a_number(tmp_path, mnist5k, fast):
-    """Mutation: ``parse_int`` drops two characters after a sign, or no longer knows ``+``."""
+    """An id or label written with a sign (``+5``, ``-3``, ``-0``) is that number, on both paths."""
     images, _ = mnist5k
     lines = [
         HEADER,
@@ -183,7 +184,8 @@ def test_a_signed_id_or_label_is_a_number(tmp_path, mnist5k, fast):
     ],
 )
 def test_an_out_of_range_label_is_shown_only_when_short(tmp_path, mnist5k, label, reason):
-    """Mutation: the value always shown (a 4,000-digit label in a message), ``<`` for ``<=``, or describe(None)."""
+    """An out-of-range label is quoted when it is at most 20 characters (spaces not counted), otherwise only its
+    length is given: a 4,000-digit label never fills a message."""
     images, _ = mnist5k
     shard = data.read_shard(write_lines(tmp_path / "s.csv", [HEADER, f"7,{label},{b64_raw(images[0])},,,"]))
     assert [(b.line, b.column, b.reason) for b in shard.bad_rows] == [(2, "label", reason)]
@@ -206,7 +208,7 @@ def _decode_error(blob: bytes) -> str:
 
 
 def test_a_png_whose_first_chunk_is_not_a_13_byte_ihdr_is_refused(mnist5k):
-    """Mutation: ``and`` for ``or`` in ``png_header``: a wrong chunk name or a wrong length alone passes."""
+    """A PNG whose first chunk is not named IHDR, or is not 13 bytes long, is refused: either alone is enough."""
     images, _ = mnist5k
     after = png_bytes(images[0])[len(PNG_MAGIC) + 25 :]  # the real image's chunks after its IHDR
     wrong_name = PNG_MAGIC + _chunk(b"IHDX", _ihdr(28, 28)) + after
@@ -216,11 +218,8 @@ def test_a_png_whose_first_chunk_is_not_a_13_byte_ihdr_is_refused(mnist5k):
 
 
 def test_a_second_ihdr_that_pillow_reads_is_held_to_ours(mnist5k):
-    """Pillow reads the last IHDR, we read the first: a later one claiming another size or depth is refused.
-
-    Mutation: the size message garbled (None, a swapped or missing index); the 16-bit scale taken
-    from our header's depth (8 here) instead of refusing: gray levels silently clipped at 255.
-    """
+    """Pillow reads the last IHDR, we read the first: a later one claiming another size (named, width x height)
+    or another depth is refused, never decoded with gray levels silently clipped."""
     images, _ = mnist5k
     wide = np.linspace(0, 65535, 784).round().astype(np.uint16).reshape(28, 28)
     sixteen = png_bytes(wide)
@@ -232,10 +231,7 @@ def test_a_second_ihdr_that_pillow_reads_is_held_to_ours(mnist5k):
 
 
 def test_a_blob_with_the_png_signature_is_only_ever_read_as_a_png():
-    """A broken PNG is refused even where another Pillow plugin (PhotoCD: ``PCD_`` at byte 2048) reads it.
-
-    Mutation: ``Image.open`` without ``formats=["PNG"]``: Pillow tries every format on the blob.
-    """
+    """A broken PNG is refused even where another Pillow plugin (PhotoCD: ``PCD_`` at byte 2048) would read it."""
     blob = PNG_MAGIC + _chunk(b"IHDR", _ihdr(28, 28), crc=0)  # a bad checksum: the PNG plugin gives up
     blob += bytes(2048 - len(blob)) + b"PCD_" + bytes(2048)
     assert _decode_error(blob) == "image is not a decodable PNG (UnidentifiedImageError)"
@@ -243,7 +239,7 @@ def test_a_blob_with_the_png_signature_is_only_ever_read_as_a_png():
 
 @pytest.mark.parametrize("text", [b"AAAA!", b"AA==AAAA"])
 def test_the_stdlib_fallback_decoder_is_as_strict_as_pybase64(text):
-    """Mutation: ``strict_mode`` dropped from the fallback: a bad character is skipped, data after padding kept."""
+    """Without pybase64 the stdlib decoder refuses what pybase64 refuses: a bad character, data after padding."""
     for decode in (codecs.b64decode_strict, codecs.stdlib_b64decode_strict):
         with pytest.raises(binascii.Error):
             decode(text)

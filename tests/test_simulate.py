@@ -102,10 +102,8 @@ def test_fedavg_weights_by_num_examples():
 def test_a_round_is_the_clients_models_weighted_by_their_examples(tmp_path, mnist5k, monkeypatch):
     """Clients of 400 and 40 training images, one round: the global model must be the
     ``num_examples``-weighted mean of the two models the clients sent (recorded on their way to the
-    server), computed here with numpy; the round's training_loss is weighted the same way.
-
-    Mutation: a plain mean in ``aggregate.fedavg`` (``* n`` and ``total += n`` made 1), or every
-    client counted as 1 in ``simulate.train_round``: the global model is then far from this mean.
+    server), computed here with numpy; the round's training_loss is weighted the same way. Clients of
+    such different sizes make a plain mean far from it.
     """
     images, labels = mnist5k
     for i, (first, n) in enumerate([(0, 400), (400, 40)]):

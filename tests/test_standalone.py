@@ -58,11 +58,8 @@ def trained(tmp_path_factory, shards) -> tuple[Path, subprocess.CompletedProcess
 
 
 def test_train_writes_a_plain_state_dict_and_its_metadata(trained, shards):
-    """The meta's ``data_fingerprint`` is checked against the sha256 of the two shard files.
-
-    Mutation: a constant ``data_fingerprint`` (comparing with ``data.load_dataset`` in this process
-    would pass then, being constant too).
-    """
+    """The meta's ``data_fingerprint`` is the sha256 of the two shard files, computed here from the files
+    (not with ``data``, which would agree with any fingerprint mnist_edge computes)."""
     out, done = trained
     assert "trained 200 images for 1 epoch(s)" in done.stdout
     assert "train: 100 % (4/4 batches)" in done.stderr and "\r" not in done.stderr  # a log, not a terminal

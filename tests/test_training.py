@@ -22,14 +22,17 @@ def test_auto_matches_this_cpus_own_flags():
 def cpu_like(monkeypatch):
     """Make this CPU look like another: oneDNN's bf16 kernels usable or not, and its feature flags.
 
-    Both are replaced, so the flags are read on every CPU (on one without oneDNN bf16 the real
-    check would return before looking at them).
+    A CPU one does not have can only be described, so torch's own answers are replaced: its feature
+    list (``torch.cpu.get_capabilities``) and oneDNN's bf16 check (``_is_mkldnn_bf16_supported``, torch
+    has no public name for it). Both are replaced, so the flags are read on every CPU (on one without
+    oneDNN bf16 the real check would return before looking at them).
     """
 
     def pretend(onednn_bf16: bool, **features: bool) -> None:
         monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
-        monkeypatch.setattr(hardware, "_cpu_features", lambda: dict(features))
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"architecture": "x86_64", **features},
+                            raising=False)
 
     return pretend
 
@@ -44,8 +47,8 @@ def cpu_like(monkeypatch):
     (False, {"avx512_bf16": True, "amx_bf16": True}, False),  # no usable bf16 kernels in this torch
 ])
 def test_auto_is_bf16_only_on_a_native_bf16_unit_with_onednn_kernels(cpu_like, onednn_bf16, features, native):
-    """Mutations: ignore the CPU features (oneDNN's answer alone), or ignore oneDNN's answer;
-    either way one of these CPUs gets the wrong precision."""
+    """``auto`` is bf16 only where both hold: oneDNN has bf16 kernels and the CPU has a native bf16 unit
+    (AMX, AVX512-BF16, Arm BF16 or SVE-BF16); plain AVX-512 emulates bf16, slower than fp32."""
     cpu_like(onednn_bf16, **features)
     assert hardware.bf16_supported(CPU) is native
     assert hardware.use_bf16("auto", CPU) is native
@@ -84,11 +87,9 @@ def reference_outputs(net: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
 
 
 def test_evaluate_and_predict_agree_with_a_single_batch_reference(trained_net, mnist5k):
-    """1,100 images: two evaluation batches (of 1000 and 100), each checked for abort first.
-
-    Mutations: a wrong batch offset or size, a sum instead of a mean, the max instead of the
-    argmax, a confidence that is the log-probability, one abort check too few: each fails here.
-    """
+    """The mean loss and the accuracy over every image, each image's most likely digit and its probability,
+    equal to one batch computed here; 1,100 images take two batches (1000 and 100), each checked for abort
+    before it runs."""
     images, labels = mnist5k
     pick = np.random.default_rng(1).permutation(len(labels))[:1100]
     images, labels = images[pick], labels[pick]
@@ -123,11 +124,8 @@ META = torch.device("meta")
 ], ids=["evaluate", "predict"])
 def test_evaluate_and_predict_compute_on_the_device_they_are_given(mnist5k, run, error, message):
     """The meta device stands in for a GPU on a CPU-only machine: the net, the images and the labels
-    all go there, and only reading a number back fails (a meta tensor holds no data).
-
-    Mutation: the device given is dropped (``device = None``), replaced by ``device and
-    select_device()``, not passed to the batches (``_outputs(..., None, ...)``), or the labels are
-    left on the CPU (``.to(None)``): the batch is computed on the CPU, or the loss fails on mixed devices.
+    all go there, and only reading a number back fails (a meta tensor holds no data): nothing is computed
+    on the CPU behind the caller's back, and the loss never meets tensors on two devices.
     """
     images, labels = mnist5k
     net = model.new_model(0)
@@ -141,10 +139,8 @@ def test_evaluate_and_predict_compute_on_the_device_they_are_given(mnist5k, run,
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int16, np.uint8])
 def test_evaluate_takes_labels_of_any_integer_type(trained_net, mnist5k, dtype):
-    """numpy's default integer is int32 on Windows; torch's loss takes int64 (or uint8) targets only.
-
-    Mutation: the labels not converted to int64 (``dtype=None`` or no dtype): int32 labels fail in torch.
-    """
+    """Labels of any integer type give the same loss and accuracy (numpy's default integer is int32 on
+    Windows; torch's loss takes int64 targets only)."""
     images, labels = mnist5k
     pick = np.random.default_rng(3).permutation(len(labels))[:50]
     expected = training.evaluate(trained_net, images[pick], labels[pick], CPU)
@@ -152,7 +148,7 @@ def test_evaluate_takes_labels_of_any_integer_type(trained_net, mnist5k, dtype):
 
 
 def test_the_loss_and_accuracy_of_one_image_are_that_images_own(trained_net, mnist5k):
-    """Mutation: the mean divides by at least 2 instead of at least 1 (one image's loss and accuracy halved)."""
+    """Evaluated alone, one image's loss and accuracy are its own (not halved, not averaged with nothing)."""
     images, labels = mnist5k
     pick = np.random.default_rng(4).permutation(len(labels))[:20]
     reference = reference_outputs(trained_net, images[pick])

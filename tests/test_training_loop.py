@@ -7,6 +7,8 @@ batches and at each epoch's end, the precision asked for, and divergence caught 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -169,18 +171,27 @@ def test_a_gpu_counts_as_bf16_only_without_emulation(monkeypatch):
     assert hardware.bf16_supported(torch.device("meta")) is False
 
 
-def test_cpu_features_come_from_torch_or_from_its_older_x86_checks(monkeypatch):
-    """Recent torch lists the CPU's features; older torch has one check per feature (maybe absent)."""
-    capabilities = {"avx512_bf16": True, "amx_bf16": False, "other": 3}
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
-    assert hardware._cpu_features() == capabilities
+def test_a_native_bf16_unit_is_found_by_recent_and_older_torch(monkeypatch):
+    """Recent torch lists the CPU's features; older torch has one check per x86 feature, maybe absent (an
+    absent check is no unit). Either way a CPU with AVX512-BF16 or AMX counts as native bf16, one with
+    neither does not. These CPUs can only be described: torch's answers are replaced, oneDNN's bf16
+    kernels said to be usable (``_is_mkldnn_bf16_supported``, torch has no public name for it)."""
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    for listed, native in (({"avx512_bf16": True, "amx_bf16": False, "other": 3}, True),
+                           ({"avx512_bf16": False, "amx_bf16": False, "other": 3}, False)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda listed=listed: listed, raising=False)
+        assert hardware.bf16_supported(CPU) is native
     monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
-    for avx512, amx in ((True, False), (False, True)):
+    for avx512, amx in ((True, False), (False, True), (False, False)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512: value, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value, raising=False)
-        assert hardware._cpu_features() == {"avx512_bf16": avx512, "amx_bf16": amx}
+        assert hardware.bf16_supported(CPU) is (avx512 or amx)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert hardware._cpu_features() == {"avx512_bf16": False, "amx_bf16": False}
+    assert hardware.bf16_supported(CPU) is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert hardware.bf16_supported(CPU) is True
 
 
 def test_the_same_seed_trains_the_same_weights_whatever_the_label_type(mnist5k):
@@ -266,16 +277,36 @@ def test_training_on_the_cpu_computes_in_channels_last_and_hands_back_a_plain_ne
     assert hardware.memory_format_for(torch.device("cuda")) == torch.contiguous_format  # a device name, no GPU needed
 
 
-def test_the_process_keeps_freed_memory_unless_the_user_tuned_the_allocator():
-    """Set up once where a process starts: glibc's thresholds, unless ``MALLOC_*_`` says the user chose."""
-    hardware.keep_freed_memory.cache_clear()
-    hardware.configure_process(None, {"MALLOC_TRIM_THRESHOLD_": "131072"})
-    assert hardware.keep_freed_memory.cache_info().currsize == 1
-    assert hardware.keep_freed_memory(True) is False
+@pytest.mark.parametrize("environ, user_chose", [
+    ({}, False), ({"MALLOC_TRIM_THRESHOLD_": "131072"}, True), ({"MALLOC_MMAP_THRESHOLD_": "65536"}, True),
+    ({"malloc_trim_threshold_": "1", "malloc_mmap_threshold_": "1", "MALLOC_ARENA_MAX": "2"}, False),
+])
+def test_the_process_keeps_freed_memory_unless_the_user_tuned_the_allocator(monkeypatch, environ, user_chose):
+    """Set up once where a process starts: the thread count asked for, and glibc's thresholds unless
+    ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (glibc's own names) says the user chose them.
+    The allocator step itself is process-wide, so what it is told is recorded instead of applied."""
+    told = []
+    monkeypatch.setattr(hardware, "keep_freed_memory", lambda user_chose=False: told.append(user_chose))
     threads = torch.get_num_threads()
     try:
-        hardware.configure_process(1, {})
-        assert torch.get_num_threads() == 1
-        assert hardware.keep_freed_memory(False) is (__import__("platform").libc_ver()[0] == "glibc")
+        hardware.configure_process(1, environ)
+        assert torch.get_num_threads() == 1 and told == [user_chose]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_allocator_is_tuned_on_glibc_only_and_never_over_the_users_choice():
+    hardware.keep_freed_memory.cache_clear()
+    assert hardware.keep_freed_memory(True) is False
+    assert hardware.keep_freed_memory(False) is (__import__("platform").libc_ver()[0] == "glibc")
+
+
+def test_the_cores_are_the_affinity_masks_or_else_what_the_system_counts(monkeypatch):
+    """A container's or taskset's limit where the system has affinity masks (Linux); elsewhere the system's
+    count, or 1 when it does not know. Other systems are described by removing Linux's call."""
+    assert hardware.cpu_count() == len(os.sched_getaffinity(0))
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert hardware.cpu_count() == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert hardware.cpu_count() == 1
