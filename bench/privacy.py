@@ -119,14 +119,16 @@ class Idea:
 
 
 OLD = {"optimizer": "adadelta", "learning_rate": 1.0, "batch_size": 64, "dp_max_grad_norm": 1.0}
+SGD16 = {"optimizer": "sgd", "learning_rate": 16.0}
 IDEAS = (
     Idea("old DP round: Adadelta 1.0, batch 64, C 1.0, every layer", OLD, ()),
-    Idea("+ plain SGD, lr 16", {**OLD, "optimizer": "sgd", "learning_rate": 16.0}, ()),
-    Idea("+ C 0.1", {**OLD, "optimizer": "sgd", "learning_rate": 16.0, "dp_max_grad_norm": 0.1}, ()),
-    Idea("+ batch 200 (q 0.25): every layer", {}, ()),
-    Idea("+ fc2 kept (the node's defaults)", {}),
-    Idea("  fc1 kept instead", {}, ("fc1",)),
-    Idea("  fc1, conv1, conv2 kept (fc2 alone trained)", {}, ("fc1", "conv1", "conv2")),
+    Idea("+ plain SGD, lr 16", {**OLD, **SGD16}, ()),
+    Idea("+ C 0.1", {**OLD, **SGD16, "dp_max_grad_norm": 0.1}, ()),
+    Idea("+ batch 200 (q 0.25)", SGD16, ()),
+    Idea("+ fc2 kept", SGD16),
+    Idea("+ lr 27 / sigma, at most 20 (the node's defaults)", {}),
+    Idea("  fc1 kept instead of fc2", {}, ("fc1",)),
+    Idea("  only fc2 trained", {}, ("fc1", "conv1", "conv2")),
 )
 
 

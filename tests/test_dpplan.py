@@ -102,9 +102,14 @@ def test_no_rounds_left_is_refused_not_planned():
 
 def test_a_dp_round_takes_the_node_defaults_where_the_round_is_silent():
     plan = privacy.plan_round(parse_settings({"epochs": 2}), N, PrivacyLimits(epsilon=3.0, delta=DELTA))
-    assert (plan.settings.optimizer, plan.settings.learning_rate, plan.settings.batch_size, plan.settings.epochs) \
-        == ("sgd", 16.0, 200, 2)
+    assert (plan.settings.optimizer, plan.settings.batch_size, plan.settings.epochs) == ("sgd", 200, 2)
     assert plan.max_grad_norm == privacy.DEFAULT_MAX_GRAD_NORM == 0.1
+    # the learning rate shrinks as the noise grows: lr * sigma = 27, and never above 20
+    assert plan.noise_multiplier > 1.35 and plan.settings.learning_rate == pytest.approx(27 / plan.noise_multiplier)
+    loose = privacy.plan_round(parse_settings({}), N, PrivacyLimits(epsilon=50.0, delta=DELTA))
+    assert loose.noise_multiplier < 1.35 and loose.settings.learning_rate == 20.0
+    asked = privacy.plan_round(parse_settings({"dp_noise_multiplier": 9.0}), N, PrivacyLimits(delta=DELTA))
+    assert asked.settings.learning_rate == 3.0
     own = privacy.plan_round(parse_settings({"optimizer": "adam", "learning_rate": 0.01, "batch_size": 100}), N,
                              PrivacyLimits(epsilon=3.0, delta=DELTA))
     assert (own.settings.optimizer, own.settings.learning_rate, own.settings.batch_size) == ("adam", 0.01, 100)

@@ -83,7 +83,8 @@ def test_a_node_budget_makes_every_round_dp_and_the_update_carries_the_audit_num
     sigma, q, steps = one_round(sigma=meta["dp_noise_multiplier"])
     assert sigma == pytest.approx(planned_sigma(8), rel=1e-3)  # the budget planned over 10 rounds
     assert (meta["dp_max_grad_norm"], meta["dp_delta"], meta["dp_rounds_left"]) == (0.1, 1e-5, 9)
-    assert (meta["optimizer"], meta["learning_rate"], meta["batch_size"]) == ("sgd", 16.0, 200)
+    assert (meta["optimizer"], meta["batch_size"]) == ("sgd", 200)
+    assert meta["learning_rate"] == pytest.approx(min(20.0, 27 / sigma))  # lr * sigma = 27, at most 20
     assert meta["dp_sample_rate"] == q and meta["dp_steps"] == steps == 5
     assert meta["dp_epsilon_round"] == pytest.approx(opacus_epsilon([(sigma, q, steps)]), rel=1e-12)
     assert meta["dp_epsilon_spent"] == meta["dp_epsilon_round"]

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"DP rounds: {DP_ROUND_DEFAULTS['batch_size']})")
     p.add_argument("--learning-rate", type=float,
                    help=f"learning rate (default {defaults.learning_rate:g} for Adadelta; DP rounds: "
-                        f"{DP_ROUND_DEFAULTS['learning_rate']:g} for plain SGD)")
+                        f"27/sigma, at most {DP_ROUND_DEFAULTS['learning_rate']:g}, plain SGD)")
     p.add_argument("--clients-per-round", type=int, default=None, help="clients drawn per round (default all)")
     p.add_argument("--seed", type=int, default=0, help="initial model, client sampling and local shuffling")
     p.add_argument("--init", type=Path, default=None, help="start from this seed/global .npz")

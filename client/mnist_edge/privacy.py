@@ -12,7 +12,8 @@ A budget is planned: the node serves ``MNIST_EDGE_DP_ROUNDS`` DP rounds, and bef
 the least noise that lets this round and every planned round after it fit what the ledger has
 left (:mod:`mnist_edge.dpplan`). A round may ask for more noise, never get less. How a DP round
 trains is the node's unless the round says otherwise: :data:`DP_ROUND_DEFAULTS` and
-:data:`DEFAULT_MAX_GRAD_NORM` (plain SGD, a small clip, large Poisson batches), with
+:data:`DEFAULT_MAX_GRAD_NORM` (plain SGD at a learning rate that shrinks as σ grows,
+:data:`DP_STEP_NOISE`; a small clip, large Poisson batches), with
 :data:`mnist_edge.dpsgd.FROZEN` layers kept and dropout off; ``bench/privacy.py`` measured each.
 
 Accounting is Opacus's RDP accountant with the sampling it assumes: Poisson sampling of each batch
@@ -43,6 +44,10 @@ log = logging.getLogger("mnist_edge")
 DEFAULT_NOISE_MULTIPLIER = 1.0
 """σ of a round a task asks for on a node with no budget to plan from."""
 DEFAULT_MAX_GRAD_NORM = 0.1
+DP_STEP_NOISE = 27.0
+"""learning rate x σ of a DP round that does not set its learning rate: lr = min(20, 27 / σ), so the
+noise a step adds to each weight (lr·σ·C/B) is the same at every budget; ``bench/privacy.py``
+found the best lr at 4 for ε 1 (σ 6.7) and 10 for ε 3 (σ 2.7) over 10 rounds, both lr·σ ≈ 27."""
 # Where Opacus's accountant and the clip stay finite and quick (σ 1e-300 divides by zero, 1e308
 # overflows; σ·C is the noise's scale): the round settings' bounds, checked again for a plan built
 # without parse_settings and for the σ a ``dp_epsilon`` target asks for.
@@ -116,7 +121,10 @@ def plan_round(settings: TrainSettings, n: int, budget: PrivacyLimits) -> RoundP
                                f"largest dp_noise_multiplier {MAX_NOISE_MULTIPLIER:g}: ask for a larger epsilon")
         if sigma is None or target > sigma:
             sigma, source = target, "dp_epsilon"
-    plan = RoundPlan(sigma or DEFAULT_NOISE_MULTIPLIER, settings.dp_max_grad_norm or DEFAULT_MAX_GRAD_NORM,
+    sigma = sigma or DEFAULT_NOISE_MULTIPLIER
+    if "learning_rate" not in settings.given:
+        settings = dataclasses.replace(settings, learning_rate=min(settings.learning_rate, DP_STEP_NOISE / sigma))
+    plan = RoundPlan(sigma, settings.dp_max_grad_norm or DEFAULT_MAX_GRAD_NORM,
                      sample_rate, steps, budget.delta, min(settings.batch_size, n), settings, rounds_left)
     ledger.round_rdp(plan.noise_multiplier, plan.sample_rate, plan.steps)  # finite, or refused; cached for the charge
     _check_accountable(plan, source)

@@ -31,9 +31,10 @@ DP_RANGES = {"dp_noise_multiplier": (1e-6, 100.0), "dp_max_grad_norm": (1e-6, 10
 """Each ``dp_*`` setting's (exclusive low or inclusive low, high). σ and C within these keep Opacus's RDP
 accountant finite (σ = 1e-200 divides by zero there, 1e200 overflows), and σ·C at most 10,000 keeps a
 step's noise finite in float32 (σ = 1e154 would charge ε = 0 and then fill the weights with inf)."""
-DP_ROUND_DEFAULTS = {"optimizer": "sgd", "learning_rate": 16.0, "batch_size": 200}
+DP_ROUND_DEFAULTS = {"optimizer": "sgd", "learning_rate": 20.0, "batch_size": 200}
 """What a DP round trains with where the round's settings do not say (``bench/privacy.py --ideas``):
-plain SGD (noise swamps an adaptive optimizer's second moments) and large Poisson batches."""
+plain SGD (noise swamps an adaptive optimizer's second moments) and large Poisson batches. The
+learning rate is the largest: a noisier round takes a smaller one (``privacy.DP_STEP_NOISE``)."""
 NODE_OWNED = {"dp_delta": "MNIST_EDGE_DP_DELTA", "dp_budget": "MNIST_EDGE_DP_EPSILON"}
 
 
