@@ -46,6 +46,17 @@ def test_a_per_client_data_dir_with_its_own_split_wins_over_the_layout(root):
     assert node.data_dir == own
 
 
+def test_under_the_default_root_the_layout_wins_over_a_split_at_its_top(root):
+    """A split at the top of the shared ./data would be every client's: each still serves client-<n>/."""
+    (root / "data" / "train").mkdir()
+    for number in range(2):
+        assert read({"CLIENT_NUMBER": str(number), "TOTAL_N_CLIENTS": "2"}, root).data_dir == \
+            root / "data" / f"client-{number}"
+    (root / "lone" / "data" / "train").mkdir(parents=True)  # one split for everyone: refused, not shared
+    with pytest.raises(NodeConfigError, match="must hold client-1/"):
+        read({"CLIENT_NUMBER": "1", "TOTAL_N_CLIENTS": "2"}, root / "lone")
+
+
 def test_a_missing_client_directory_names_the_path_and_the_variables(root):
     with pytest.raises(NodeConfigError) as error:
         read({"CLIENT_NUMBER": "1", "TOTAL_N_CLIENTS": "3", "SCALEOUT_DATA_DIR": str(root / "elsewhere")}, root)

@@ -84,7 +84,8 @@ class NodeConfig:
         if number is not None and total is not None and number >= total:
             raise NodeConfigError(f"{CLIENT_NUMBER} {number} must be below {TOTAL_CLIENTS} {total} "
                                   "(clients are numbered from 0)")
-        data_dir = client_data_dir(cwd / _text(environ, DATA_DIR, DEFAULT_DATA_DIR), number).absolute()
+        root = cwd / _text(environ, DATA_DIR, DEFAULT_DATA_DIR)
+        data_dir = client_data_dir(root, number, explicit=DATA_DIR in environ).absolute()
         lock = _text(environ, COMPUTE_LOCK, None)
         return cls(data_dir, privacy_from(environ, data_dir, cwd), threads_from(environ, cpu_count),
                    None if lock is None else (cwd / lock).absolute(), number, total)
@@ -100,12 +101,13 @@ def threads_from(environ: Mapping[str, str], cpu_count: int) -> int | None:
     return threads
 
 
-def client_data_dir(root: Path, number: int | None) -> Path:
+def client_data_dir(root: Path, number: int | None, explicit: bool) -> Path:
     """The data directory of client ``number`` under ``root`` (``prepare``'s ``client-<n>/`` layout).
 
-    ``root`` itself wins when it holds a split of its own (a per-client ``SCALEOUT_DATA_DIR``).
+    An ``explicit`` ``SCALEOUT_DATA_DIR`` that holds a split of its own is this client's and wins;
+    the default root is always the layout's (a split at its top would be every client's at once).
     """
-    if number is None or _has_split(root):
+    if number is None or (explicit and _has_split(root)):
         return root
     mine = root / f"client-{number}"
     if not mine.is_dir():
