@@ -222,7 +222,8 @@ def main() -> None:
 
 def accuracy_table(args: argparse.Namespace, report: Report) -> dict:
     """The accuracy part: per layout and budget (``accuracy_runs``), the ideas (``--ideas``), the plot."""
-    defaults = ", ".join(f"{k} {v}" for k, v in DP_ROUND_DEFAULTS.items())
+    defaults = (f"plain SGD at lr {privacy.DP_STEP_NOISE:g}/sigma, at most {DP_ROUND_DEFAULTS['learning_rate']:g}, "
+                f"batch {DP_ROUND_DEFAULTS['batch_size']}")
     report(f"{args.rounds} rounds, delta {DEFAULT_DELTA:g}; DP rounds: the node's defaults ({defaults}, "
            f"C {privacy.DEFAULT_MAX_GRAD_NORM:g}, {'/'.join(dpsgd.FROZEN)} kept, no dropout), sigma planned "
            f"from the budget over the rounds; no DP: the round settings' defaults (Adadelta 1.0, batch 64)")
