@@ -84,21 +84,27 @@ def relative_parts(value: object, parameter: str, max_depth: int = 8) -> tuple[s
     return parts
 
 
+def _within(path: Path, places: Iterable[Path]) -> Path | None:
+    """The first of ``places`` that ``path`` is, or is inside (both resolved); None if none."""
+    target = path.resolve()
+    for place in places:
+        place = Path(place).resolve()
+        if target == place or place in target.parents:
+            return place
+    return None
+
+
 def refuse_inputs(path: Path, inputs: Iterable[Path], what: str) -> None:
     """PathError if ``path`` is one of ``inputs`` or inside one of them (a split directory)."""
-    target = path.resolve()
-    for source in inputs:
-        source = Path(source).resolve()
-        if target == source or source in target.parents:
-            raise PathError(f"{what} {path} would replace input data ({source}); "
-                            "write outputs outside the train/test/predict shards")
+    source = _within(path, inputs)
+    if source is not None:
+        raise PathError(f"{what} {path} would replace input data ({source}); "
+                        "write outputs outside the train/test/predict shards")
 
 
 def refuse_node_files(path: Path, owned: Iterable[Path], what: str) -> None:
     """PathError if ``path`` is, or is inside, one of the node's own files (its privacy ledger)."""
-    target = path.resolve()
-    for own in owned:
-        own = Path(own).resolve()
-        if target == own or own in target.parents:
-            raise PathError(f"{what} {path} would write into the node's own state ({own}: its privacy ledger), "
-                            "which no task may touch; write outputs elsewhere in the data directory")
+    own = _within(path, owned)
+    if own is not None:
+        raise PathError(f"{what} {path} would write into the node's own state ({own}: its privacy ledger), "
+                        "which no task may touch; write outputs elsewhere in the data directory")
