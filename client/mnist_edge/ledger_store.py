@@ -80,6 +80,14 @@ def _open_regular(path: Path, flags: int, what: str) -> int | None:
     return fd
 
 
+def _open_to_read(path: Path, what: str) -> int | None:
+    """``path`` opened read-only if it is a regular file, None if absent; LedgerError naming ``what`` else."""
+    try:
+        return _open_regular(path, os.O_RDONLY, what)
+    except OSError as error:
+        raise LedgerError(f"{what} {path} cannot be read: {error.strerror or error}") from None
+
+
 @contextlib.contextmanager
 def locked(path: Path, *, charge: bool) -> Iterator[int | None]:
     """The ledger's file descriptor under its ``flock``: exclusive (and created) to charge, shared to read.
@@ -96,10 +104,7 @@ def locked(path: Path, *, charge: bool) -> Iterator[int | None]:
                                f"({error.strerror or error}); refused before training, no update leaves "
                                "this node") from None
     else:
-        try:
-            fd = _open_regular(path, os.O_RDONLY, "privacy ledger")
-        except OSError as error:
-            raise LedgerError(f"privacy ledger {path} cannot be read: {error.strerror or error}") from None
+        fd = _open_to_read(path, "privacy ledger")
     if fd is None:
         yield None
         return
@@ -197,10 +202,7 @@ def _check_head(path: Path, raw: object) -> Head:
 def read_head(path: Path) -> Head | None:
     """The head beside the ledger at ``path``; None when there is none (a ledger from before heads)."""
     where = head_path(path)
-    try:
-        fd = _open_regular(where, os.O_RDONLY, "privacy ledger head")
-    except OSError as error:
-        raise LedgerError(f"privacy ledger head {where} cannot be read: {error.strerror or error}") from None
+    fd = _open_to_read(where, "privacy ledger head")
     if fd is None:
         return None
     try:
