@@ -85,13 +85,24 @@ def relative_parts(value: object, parameter: str, max_depth: int = 8) -> tuple[s
 
 
 def _within(path: Path, places: Iterable[Path]) -> Path | None:
-    """The first of ``places`` that ``path`` is, or is inside (both resolved); None if none."""
-    target = path.resolve()
+    """The first of ``places`` that ``path`` is, or is inside (both resolved); None if none.
+
+    A path that cannot be resolved (a symbolic link loop, or a link swapped for a directory while
+    it is read) is refused rather than passed on as a bare OSError."""
+    target = _resolved(path)
     for place in places:
-        place = Path(place).resolve()
+        place = _resolved(Path(place))
         if target == place or place in target.parents:
             return place
     return None
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a link loop before Python 3.13
+        raise PathError(f"{path} cannot be resolved ({type(error).__name__}): a symbolic link in it loops "
+                        "or changed while it was checked") from None
 
 
 def refuse_inputs(path: Path, inputs: Iterable[Path], what: str) -> None:
