@@ -374,7 +374,10 @@ def test_heartbeats_backlog_reports_and_poll_interval_reach_the_combiner(fleet: 
 
 
 def test_clients_shut_down_cleanly_before_the_combiner(fleet: Fleet) -> None:
-    """Last: SIGTERM each client by pid, then stop the combiner and check its ports closed."""
+    """Last, once every task has finished (a task still under way when SIGTERM arrives may keep its
+    model's temp ZIP: the client does not wait for it): SIGTERM each client by pid, then stop the
+    combiner and check its ports closed and no temp file left."""
+    fleet.combiner.wait_for_tasks(fleet.combiner.tasks_by_id(), TASK_TIMEOUT)
     for node in fleet.nodes:
         node.sigterm()
     for node in fleet.nodes:

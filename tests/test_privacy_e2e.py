@@ -1,9 +1,12 @@
 """Node-owned DP in three real ``scaleout client start`` processes.
 
-client-0 has a small budget (``MNIST_EDGE_DP_EPSILON``: room for two rounds), client-1 a large
-one, client-2 none (DP only because the rounds ask for it). Four FedAvg rounds: from round 3 on
-client-0 FAILs each train task before training, naming its spent ε, and uploads nothing, while
-the others go on. Expected ε values come from Opacus's ``RDPAccountant``.
+client-0 has a small budget planned for two rounds (``MNIST_EDGE_DP_EPSILON`` with room for two
+rounds at the σ the rounds ask, ``MNIST_EDGE_DP_ROUNDS=2``), client-1 a large one (planned for
+the default 10 rounds, so its plan asks less noise than the rounds do), client-2 none (DP only
+because the rounds ask for it). Four FedAvg rounds, each asking σ 1.0: every node trains at
+σ 1.0 (a round may ask more noise than the plan); from round 3 on client-0 FAILs each train task
+before training, naming its budget and its planned rounds, and uploads nothing, while the others
+go on. Expected ε values come from Opacus's ``RDPAccountant``.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory, seed_path: Path) -> Ite
     data_dirs = prepare_shards(root / "data", 3, TEST_FRACTION)
     n_train = len(data.load_split(data_dirs[0], "train"))
     small = (spent(n_train, ALLOWED) + spent(n_train, ALLOWED + 1)) / 2
-    budgets = [{"MNIST_EDGE_DP_EPSILON": repr(small)}, {"MNIST_EDGE_DP_EPSILON": "50"}, {}]
+    budgets = [{"MNIST_EDGE_DP_EPSILON": repr(small), "MNIST_EDGE_DP_ROUNDS": str(ALLOWED)},
+               {"MNIST_EDGE_DP_EPSILON": "50"}, {}]
     nodes = []
     for i, (data_dir, env) in enumerate(zip(data_dirs, budgets, strict=True)):
         workdir = root / f"node-{i}"
@@ -95,8 +99,8 @@ def test_the_small_budget_node_fails_its_later_rounds_while_the_others_go_on(fed
             continue
         assert statuses == {"client-0": "FAILED", "client-1": "COMPLETED", "client-2": "COMPLETED"}, statuses
         error = r["tasks"]["client-0"].response["error"]
-        assert f"spent epsilon {spent(n_train, ALLOWED):.4f}" in error, error
-        assert f"this round's epsilon {spent(n_train, 1):.4f}" in error and "budget epsilon" in error
+        assert "no planned DP round is left (budget epsilon" in error, error
+        assert f"planned {ALLOWED} DP round(s) (MNIST_EDGE_DP_ROUNDS) and has charged {ALLOWED}" in error, error
         assert set(r["updates"]) == {"client-1", "client-2"} and r["uploads"] == 2  # nothing left client-0
         assert "client-0" not in r["metric_clients"]  # not one batch ran
 

@@ -1,6 +1,6 @@
 """The manual and the benchmark report: they parse, the manual stays short, their links resolve,
-and every number in a bench/README.rst table is in the results file, and the line or field, that
-its row names.
+and every number in a bench/README.rst table (or a README.rst table with a source column) is in the
+results file, and the line or field, that its row names.
 
 The convention (bench/README.rst, "Checked tables", says the same to a writer): a table's last
 column is its source; a header ``source in bench/results/DIR/`` makes DIR the folder of its files
@@ -217,6 +217,11 @@ def test_every_benchmark_table_names_its_sources():
     assert not empty, f"rows with no number to check: {empty}"
 
 
-@pytest.mark.parametrize("row", benchmark_rows(doctree(BENCH_README)), ids=lambda row: str(row)[:70])
+CHECKED_ROWS = benchmark_rows(doctree(BENCH_README)) + [
+    row for row in benchmark_rows(doctree(README)) if row.folder is not None]  # the manual's few result tables
+
+
+@pytest.mark.parametrize("row", CHECKED_ROWS, ids=lambda row: str(row)[:70])
 def test_every_benchmark_number_is_in_the_line_its_row_names(row):
+    """bench/README.rst's tables, and any table of README.rst with a source column."""
     check_row(row)
