@@ -14,6 +14,13 @@ from typing import TextIO, TypeVar
 from tqdm import tqdm
 
 Item = TypeVar("Item")
+
+
+def say(line: str) -> None:
+    """Print ``line`` in one write: ``print`` writes the text and the newline apart, so the ranks of a
+    data-parallel job sharing one unbuffered stdout (``torchrun``) would run their lines together."""
+    sys.stdout.write(f"{line}\n")
+    sys.stdout.flush()
 STEPS = 10
 """Plain output: one line per tenth of the work."""
 

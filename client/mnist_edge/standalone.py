@@ -20,7 +20,7 @@ from . import data, distributed, files, hardware, meta, model, paths, privacy, r
 from .lineage import LocalFile
 from .model import ModelFileError
 from .node import PrivacyLimits, Ranks
-from .progress import progress
+from .progress import progress, say
 from .settings import TrainSettings, capped_batch_size, parse_settings
 from .storage import S3Config, is_s3_url
 
@@ -51,7 +51,7 @@ def save_model(params: list[np.ndarray], path: Path) -> Path:
 
 
 def train(dataset: str | Path, model_out: str | Path, settings: dict[str, Any], limits: PrivacyLimits,
-          init: str | Path | None = None, echo: Echo = print, ranks: Ranks | None = None,
+          init: str | Path | None = None, echo: Echo = say, ranks: Ranks | None = None,
           store: S3Config | None = None) -> Path:
     """Train the CNN on one dataset; write the model and its meta (both atomically, or uploaded).
 
@@ -144,7 +144,7 @@ def _train_in_job(net, shards: remote.Dataset, requested: TrainSettings, limits:
     return result, used, whole, job, shards.sources(whole.shard_sha256)
 
 
-def predict(model_file: str | Path, dataset: str | Path, result: str | Path, echo: Echo = print,
+def predict(model_file: str | Path, dataset: str | Path, result: str | Path, echo: Echo = say,
             store: S3Config | None = None) -> Path:
     """Predict every row of a dataset into ``image_id,label,confidence`` CSV (local or ``s3://`` each)."""
     with tempfile.TemporaryDirectory(prefix="mnist-edge-") as staging:
@@ -170,7 +170,7 @@ def predict(model_file: str | Path, dataset: str | Path, result: str | Path, ech
     return target
 
 
-def convert(source: str | Path, out: str | Path, out_kind: str, echo: Echo = print) -> Path:
+def convert(source: str | Path, out: str | Path, out_kind: str, echo: Echo = say) -> Path:
     """``export`` (npz -> pth) and ``import`` (pth -> npz); refuse a file of the other kind."""
     source_kind = "npz" if out_kind == "pth" else "pth"
     command = "export" if out_kind == "pth" else "import"
