@@ -92,7 +92,7 @@ test-client-1.1:
 # Performance benchmarks (minutes; not part of `make test`): reports land in bench/results/<CPU class>/
 # (the folder `bench/perf_common.py` names for this CPU, e.g. x86_64-avx512_bf16), the round overhead
 # per client line (LINE=1.1 for the 1.1 line), the DP step times too (privacy_steps.txt; the DP accuracy
-# table, ~10 minutes, is `bench/privacy.py --out bench/results/privacy.txt`). BENCH_ARGS is
+# tables, an hour or more, are bench/README.rst "Privacy: accuracy per budget"). BENCH_ARGS is
 # passed to each but ingest, BENCH_TAG ends the per-class file names, e.g.
 # `make bench BENCH_ARGS=--threads=1 BENCH_TAG=-1thread`.
 BENCH_ARGS ?=

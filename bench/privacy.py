@@ -26,6 +26,7 @@ import contextlib
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -149,11 +150,18 @@ def federation(data_dir: Path, rounds: int, out: Path, seed: int, budget: float 
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def layout(work: Path, clients: int) -> Path:
-    """``clients`` IID clients of the 5k subset (the same split every run)."""
+def layout(work: Path, clients: int, train_images: int | None = None) -> Path:
+    """``clients`` IID clients of the 5k subset (the same split every run); ``train_images``: keep only
+    that many training images per client (smoke runs)."""
     data_dir = work / f"clients-{clients}"
     if not data_dir.exists():
         prepare("mnist5k", clients, data_dir, seed=0, partition="iid")
+        for client in sorted(data_dir.glob("client-*")) if train_images else []:
+            split = data.load_split(client, "train")
+            shutil.rmtree(client / "train")
+            keep = slice(0, train_images)
+            data.write_shard(client / "train" / "shard-000.csv", split.images[keep], split.labels[keep],
+                             split.image_ids[keep])
     return data_dir
 
 
@@ -161,7 +169,7 @@ def accuracy_runs(args: argparse.Namespace, report: Report, work: Path) -> list[
     """Per layout: ``--runs`` federations per budget and one without DP; the final global test accuracy."""
     rows = []
     for clients in args.layouts:
-        data_dir = layout(work, clients)
+        data_dir = layout(work, clients, args.train_images)
         n = len(data.load_split(data_dir / "client-0", "train"))
         for budget in [*args.budgets, None]:
             runs = [federation(data_dir, args.rounds, work / "run", seed, budget)
@@ -179,7 +187,7 @@ def accuracy_runs(args: argparse.Namespace, report: Report, work: Path) -> list[
 
 def idea_runs(args: argparse.Namespace, report: Report, work: Path) -> list[dict]:
     """One federation at ε 3 per idea, on the first layout: each idea's effect on accuracy."""
-    data_dir = layout(work, args.layouts[0])
+    data_dir = layout(work, args.layouts[0], args.train_images)
     report(f"{args.layouts[0]} IID clients, {args.rounds} rounds, budget 3 (planned), delta {DEFAULT_DELTA:g}; "
            "one run each")
     rows = []
@@ -192,7 +200,8 @@ def idea_runs(args: argparse.Namespace, report: Report, work: Path) -> list[dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=64, help="images per step in the step-time part")
+    parser.add_argument("--batch", type=int, default=DP_ROUND_DEFAULTS["batch_size"],
+                        help="images per step in the step-time part (default: a DP round's)")
     parser.add_argument("--steps", type=int, default=10, help="steps per contender per alternation")
     parser.add_argument("--reps", type=int, default=5, help="alternations")
     parser.add_argument("--modes", nargs="*", choices=sorted(DP_MODES), default=list(DP_MODES))
@@ -200,13 +209,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3, help="federations per budget and layout (0: none)")
     parser.add_argument("--ideas", action="store_true", help="also one federation at epsilon 3 per idea")
+    parser.add_argument("--train-images", type=int, default=None, help="keep only this many train images "
+                        "per client (smoke runs; default: all)")
     parser.add_argument("--budgets", type=float, nargs="*", default=[1.0, 3.0, 8.0], help="node epsilon budgets")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, help="also write the report here (and .json beside it)")
+    parser.add_argument("--plot", type=Path, nargs="+", metavar="JSON",
+                        help="only draw accuracy against epsilon from these results into --out (.png)")
     parts = parser.add_mutually_exclusive_group()
     parts.add_argument("--steps-only", action="store_true", help="the step times alone, no accuracy table")
     parts.add_argument("--accuracy-only", action="store_true", help="the accuracy tables alone, no step times")
     args = parser.parse_args()
+    if args.plot:
+        plot(args.plot, args.out.with_suffix(".png"))
+        return
     torch.set_num_threads(args.threads)
     report = Report()
     report(machine())
@@ -218,6 +234,8 @@ def main() -> None:
     report.save(args.out)
     if args.out is not None:
         args.out.with_suffix(".json").write_text(json.dumps({"step_ms": medians, **accuracy}, indent=2))
+        if accuracy.get("accuracy"):
+            plot([args.out.with_suffix(".json")], args.out.with_suffix(".png"))
 
 
 def accuracy_table(args: argparse.Namespace, report: Report) -> dict:
@@ -237,39 +255,15 @@ def accuracy_table(args: argparse.Namespace, report: Report) -> dict:
             result["ideas"] = idea_runs(args, report, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if result["accuracy"] and args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        plot(result["accuracy"], args.out.with_suffix(".png"))
     return result
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Accuracy against ε per layout (median and the runs' range), no-DP accuracy dashed: before choosing a budget."""
-    import matplotlib
+def plot(files: list[Path], path: Path) -> None:
+    """Accuracy against ε from ``files`` (this script's JSON), drawn as the docs draw it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "_ext"))
+    from results_plots import draw_privacy, privacy_layouts
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
-    for clients in sorted({r["clients"] for r in rows}, reverse=True):
-        mine = [r for r in rows if r["clients"] == clients and r["budget"] is not None]
-        budgets = [r["budget"] for r in mine]
-        accuracies = [[100 * run["test_accuracy"] for run in r["runs"]] for r in mine]
-        line = axes.plot(budgets, [statistics.median(a) for a in accuracies], marker="o",
-                         label=f"{clients} node(s) of ~{mine[0]['train_images_per_client']:,} images")[0]
-        axes.fill_between(budgets, [min(a) for a in accuracies], [max(a) for a in accuracies],
-                          color=line.get_color(), alpha=0.2)
-        plain = [r for r in rows if r["clients"] == clients and r["budget"] is None]
-        if plain:
-            axes.axhline(100 * plain[0]["median_accuracy"], color=line.get_color(), linestyle="--", linewidth=1)
-    axes.set(xscale="log", xlabel="privacy budget epsilon per node (delta 1e-5)", ylabel="global test accuracy %",
-             title="MNIST CNN, 10 FedAvg rounds: accuracy against the budget")
-    axes.set_xticks([1, 3, 8], ["1", "3", "8"])
-    axes.legend(fontsize=8, title="dashed: no DP", title_fontsize=8)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    draw_privacy(privacy_layouts(files), path)
 
 
 if __name__ == "__main__":

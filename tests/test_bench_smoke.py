@@ -20,8 +20,7 @@ SMOKE_RUNS = {
     "ingest.py": ["--rows", "200", "--png-rows", "50", "--reps", "1"],
     "round_overhead.py": ["--images", "128", "--reps", "1", "--threads", "1"],
     "privacy.py": ["--batch", "8", "--steps", "1", "--reps", "1", "--threads", "1", "--modes", "hooks", "ghost",
-                   "--clients", "2", "--rounds", "1", "--train-images", "64", "--fed-batch-size", "32",
-                   "--budgets", "8"],
+                   "--layouts", "2", "--rounds", "1", "--runs", "1", "--train-images", "64", "--budgets", "8"],
     "shared_box.py": ["--clients", "2", "--threads", "1", "--images", "128", "--reps", "1"],
 }
 EXPECTED = {

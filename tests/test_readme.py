@@ -86,8 +86,8 @@ def benchmark_rows(tree: docutils.nodes.document) -> list[Row]:
     """Every body row of every table, with its source cell and its table's folder and fields."""
     rows = []
     for index, table in enumerate(tree.findall(docutils.nodes.table), 1):
-        head = next(table.findall(docutils.nodes.thead))
-        found = SOURCE_HEADER.match([entry.astext() for entry in head.findall(docutils.nodes.entry)][-1])
+        head = next(table.findall(docutils.nodes.thead), None)  # None: a table without a header row
+        found = head and SOURCE_HEADER.match([entry.astext() for entry in head.findall(docutils.nodes.entry)][-1])
         folder = RESULTS / found.group(1) if found and found.group(1) else RESULTS if found else None
         previous = table.previous_sibling()
         fields = None
@@ -174,7 +174,7 @@ def check_row(row: Row) -> None:
             else:
                 assert all(equals(n, value) for n in shown), claim
         return
-    lines = text_lines(path, keys.split(" + "))
+    lines = text_lines(path, keys.strip().split(" + "))
     available = {n.text for n in numbers(lines)}
     missing = [n.text for cell in row.cells for n in numbers(cell) if n.text not in available]
     assert not missing, f"{row}: {missing} not in the line(s) it names of {path.name}:\n{lines}"

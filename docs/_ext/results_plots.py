@@ -8,7 +8,7 @@ naming it, so a build with warnings as errors (``sphinx-build -W``) fails instea
 Kinds:
 
 ``federation``   test accuracy per round, one line per ``history-*.csv`` (``bench/federation.py``)
-``privacy``      test accuracy per round for each privacy budget (``privacy.json``, ``bench/privacy.py``)
+``privacy``      accuracy against the privacy budget ε per node layout (``privacy-*.json``, ``bench/privacy.py``)
 ``throughput``   training images/s per CPU class, threads and loop (``<class>/train_throughput*.txt``)
 """
 
@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import re
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
@@ -57,21 +58,54 @@ def federation_curves(files: list[Path]) -> tuple[str, list[tuple[str, list[int]
     return "Local federation: global test accuracy per round", lines
 
 
-def privacy_curves(files: list[Path]) -> tuple[str, list[tuple[str, list[int], list[float]]]]:
-    """(title, [(budget label, rounds, test accuracy)]) from ``privacy.json``'s ``accuracy`` runs."""
-    lines = []
+Layout = tuple[str, list[float], list[list[float]], float | None]
+"""(label, budgets, each budget's run accuracies, the accuracy without DP or None)."""
+
+
+def privacy_layouts(files: list[Path]) -> list[Layout]:
+    """Per node layout of ``bench/privacy.py``'s ``accuracy`` rows: the budgets and their runs."""
+    rows = []
     for path in files:
         try:
-            runs = json.loads(_read(path))["accuracy"]
-            for run in runs:
-                budget, by_round = run["budget"], run["accuracy_by_round"]
-                label = "no DP" if budget is None else f"epsilon budget {budget:g}"
-                lines.append((label, list(range(len(by_round))), [float(a) for a in by_round]))
+            rows += [(r["clients"], r["train_images_per_client"], r["budget"],
+                      [float(run["test_accuracy"]) for run in r["runs"]]) for r in json.loads(_read(path))["accuracy"]]
         except (KeyError, TypeError, ValueError) as error:
-            raise ResultsError(f"{path}: expected accuracy[].budget, .accuracy_by_round ({error})") from None
-        if not runs:
-            raise ResultsError(f"{path}: no accuracy runs")
-    return "Federation under DP-SGD: global test accuracy per round, per budget", lines
+            expected = "accuracy[].clients, .budget, .runs[].test_accuracy"
+            raise ResultsError(f"{path}: expected {expected} ({error})") from None
+    if not rows:
+        raise ResultsError(f"{', '.join(map(str, files))}: no accuracy runs")
+    layouts = []
+    for clients in sorted({r[0] for r in rows}, reverse=True):
+        mine = sorted((r for r in rows if r[0] == clients and r[2] is not None), key=lambda r: r[2])
+        plain = [r[3][0] for r in rows if r[0] == clients and r[2] is None]
+        images = next(r[1] for r in rows if r[0] == clients)
+        label = "1 node (central)" if clients == 1 else f"{clients} nodes"
+        layouts.append((f"{label}, {images:,} images each", [r[2] for r in mine], [r[3] for r in mine],
+                        plain[0] if plain else None))
+    return layouts
+
+
+def draw_privacy(layouts: list[Layout], path: Path) -> None:
+    """Accuracy against ε (log), the median of each budget's runs and their range; no DP dashed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    axes = fig.subplots()
+    for label, budgets, runs, plain in layouts:
+        medians = [statistics.median(r) for r in runs]
+        line = axes.plot(budgets, medians, "-o", ms=4, label=label)[0]
+        axes.fill_between(budgets, [min(r) for r in runs], [max(r) for r in runs], color=line.get_color(), alpha=0.2)
+        if plain is not None:
+            axes.axhline(plain, color=line.get_color(), lw=0.8, ls="--")
+    axes.set_xscale("log")
+    axes.minorticks_off()  # only the budgets measured are labelled
+    budgets = sorted({b for layout in layouts for b in layout[1]})
+    axes.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    axes.set(xlabel="privacy budget ε per node (δ 1e-5)", ylabel="global test accuracy", ylim=(0.0, 1.0),
+             title="MNIST CNN under DP-SGD: accuracy against the budget (dashed: no DP)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    fig.savefig(path, dpi=90)
 
 
 _THREADS = re.compile(r"^threads (\d+)", re.MULTILINE)
@@ -138,7 +172,7 @@ def draw_bars(title: str, groups: dict[str, dict[str, float]], path: Path) -> No
 KINDS: dict[str, Callable[[list[Path], Path], None]] = {
     # Rounds 0 and 1 are below the frame: the rounds to 95 % and 97 % (dashed) are what differ.
     "federation": lambda files, out: draw_lines(*federation_curves(files), out, (0.85, 0.985), (0.95, 0.97)),
-    "privacy": lambda files, out: draw_lines(*privacy_curves(files), out),
+    "privacy": lambda files, out: draw_privacy(privacy_layouts(files), out),
     "throughput": lambda files, out: draw_bars(*throughput_bars(files), out),
 }
 
