@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import logging
 import os
@@ -325,3 +326,46 @@ def test_shards_and_prediction_files_end_every_line_with_lf(tmp_path, mnist5k):
     assert predictions == b"image_id,label,confidence\n0,1,1.0\n1,2,1.0\n2,3,1.0\n"
     assert shard.count(b"\n") == 4 and b"\r" not in shard
     assert shard.startswith(b"image_id,label,image,start_datetime,end_datetime,location\n0,")
+
+
+def test_a_dataset_names_each_shards_sha256_and_its_fingerprint_is_built_from_them(tmp_path, mnist5k):
+    """The lineage of a trained model names every shard by the sha256 of its bytes, in file order,
+    and the data fingerprint is the sha256 over those (one documented rule, re-computable by anyone)."""
+    images, labels = mnist5k
+    data.write_shard(tmp_path / "a" / "0.csv", images[:20], labels[:20])
+    data.write_shard(tmp_path / "a" / "1.csv", images[20:30], labels[20:30], np.arange(20, 30))
+    dataset = data.load_dataset(tmp_path / "a")
+    own = tuple(hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / "a").glob("*.csv")))
+    assert dataset.shard_sha256 == own
+    assert dataset.fingerprint == hashlib.sha256("".join(own).encode()).hexdigest()
+
+
+def test_files_given_one_by_one_need_labels_and_fail_naming_their_location(tmp_path, mnist5k):
+    """``load_files`` (the shards of a data-parallel job or of a standalone command) reads training
+    data unless told otherwise: a row without a label is skipped, a prediction's files keep it, and
+    files with no valid row fail naming the location they belong to."""
+    images, labels = mnist5k
+    write(tmp_path / "d" / "s.csv", [HEADER, f"1,,{b64_raw(images[0])},,,", f"2,{labels[1]},{b64_raw(images[1])},,,"])
+    dataset = data.load_files([tmp_path / "d" / "s.csv"], tmp_path / "d")
+    assert dataset.image_ids.tolist() == [2] and dataset.rows_skipped == 1
+    unlabelled = data.load_files([tmp_path / "d" / "s.csv"], tmp_path / "d", labels_required=False)
+    assert unlabelled.image_ids.tolist() == [1, 2] and unlabelled.rows_skipped == 0
+    write(tmp_path / "e" / "s.csv", [HEADER, f"1,,{b64_raw(images[0])},,,"])
+    with pytest.raises(DataError, match=f"^{tmp_path / 'e'}: no valid rows"):
+        data.load_files([tmp_path / "e" / "s.csv"], tmp_path / "e")
+
+
+def test_the_parts_of_a_dataset_are_disjoint_cover_every_row_and_keep_the_whole_fingerprint(tmp_path, mnist5k):
+    """Each rank of a data-parallel job trains on every N-th row from its own start: the parts are
+    disjoint, together they are the whole dataset, each keeps images, labels and ids aligned, and
+    the fingerprint names the whole dataset."""
+    images, labels = mnist5k
+    data.write_shard(tmp_path / "s.csv", images[:11], labels[:11], np.arange(100, 111))
+    whole = data.load_files([tmp_path / "s.csv"], tmp_path)
+    parts = [whole.part(i, 3) for i in range(3)]
+    assert sorted(i for p in parts for i in p.image_ids.tolist()) == list(range(100, 111))
+    for part in parts:
+        rows = part.image_ids - 100
+        np.testing.assert_array_equal(part.images, images[rows])
+        np.testing.assert_array_equal(part.labels, labels[rows])
+        assert part.fingerprint == whole.fingerprint and part.files == whole.files
