@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from hostile import node, scaleout_model, seed_params, with_id
-from mnist_edge import data, edge, files
+from mnist_edge import data, edge, files, paths
 from mnist_edge.errors import UserError
 from mnist_edge.files import TargetError
 from mnist_edge.paths import PathError
@@ -213,3 +213,13 @@ def test_a_write_the_system_refuses_fails_naming_the_path_and_leaves_nothing(tmp
     assert list(target.parent.iterdir()) == []
 
 
+
+
+def test_a_path_through_a_link_loop_is_refused_naming_it_not_a_bare_oserror(tmp_path):
+    """A path whose links loop cannot be resolved, so it cannot be shown to stay out of the inputs:
+    refused with a PathError naming it (a UserError the task reports), never an OSError from deep inside."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(PathError, match=r"a/x\.csv cannot be resolved .*loops or changed while it was checked"):
+        paths.refuse_inputs(tmp_path / "a" / "x.csv", [tmp_path / "train"], "parameter 'output'")
