@@ -7,6 +7,7 @@ Each node gets its own working directory holding the compute package exactly as
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,6 +237,18 @@ class Fleet:
     def wait_ready(self, timeout: float) -> None:
         """Every client has polled once: registered, version-checked, startup() done."""
         self.combiner.wait_for_clients(self.ids, timeout)
+
+    @contextlib.contextmanager
+    def running(self, polling_interval: int, seed_path: Path, timeout: float) -> Iterator[str]:
+        """Started, the seed model on the combiner and every client ready: yields the seed's model
+        id; killed on the way out, however the tests went."""
+        try:
+            self.start(polling_interval)
+            seed_id = self.combiner.put_model(load_npz_params(seed_path))  # as numpyhelper reads it
+            self.wait_ready(timeout)
+            yield seed_id
+        finally:
+            self.kill()
 
     def kill(self) -> None:
         """Teardown, clients before the combiner; safe to call after a clean stop."""

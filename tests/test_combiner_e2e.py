@@ -28,7 +28,6 @@ from e2e_helpers import (
     EdgeNode,
     Fleet,
     fedavg,
-    load_npz_params,
     package_tarball,
     prepare_shards,
     unpack,
@@ -92,13 +91,8 @@ def started(tmp_path_factory: pytest.TempPathFactory, seed_path: Path) -> Iterat
         unpack(tarball, workdir)
         nodes.append(EdgeNode(f"client-{i}", workdir, data_dir))
     fleet = Fleet(TestCombiner(), nodes)
-    try:
-        fleet.start(POLL)
-        seed_id = fleet.combiner.put_model(load_npz_params(seed_path))  # as numpyhelper reads it
-        fleet.wait_ready(READY_TIMEOUT)
+    with fleet.running(POLL, seed_path, READY_TIMEOUT) as seed_id:
         yield fleet, seed_id
-    finally:
-        fleet.kill()
 
 
 @pytest.fixture(scope="module")

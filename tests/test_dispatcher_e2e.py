@@ -26,7 +26,6 @@ from e2e_helpers import (
     Fleet,
     dispatcher_tarball,
     fedavg,
-    load_npz_params,
     prepare_shards,
     satisfied_env,
     unpack,
@@ -53,13 +52,8 @@ def started(tmp_path_factory: pytest.TempPathFactory, seed_path: Path) -> Iterat
         satisfied_env(unpack(tarball, workdir))
         nodes.append(EdgeNode(f"dispatched-{i}", workdir, data_dir, dispatcher=True))
     fleet = Fleet(TestCombiner(), nodes)
-    try:
-        fleet.start(POLL)
-        seed_id = fleet.combiner.put_model(load_npz_params(seed_path))
-        fleet.wait_ready(READY_TIMEOUT)
+    with fleet.running(POLL, seed_path, READY_TIMEOUT) as seed_id:
         yield fleet, seed_id
-    finally:
-        fleet.kill()
 
 
 def run_all(fleet: Fleet, task_type: str, model_id: str, data: dict) -> dict[str, Task]:

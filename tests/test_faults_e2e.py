@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from combiner import INFER, TRAIN, TestCombiner
-from e2e_helpers import EdgeNode, Fleet, load_npz_params, package_tarball, prepare_shards, unpack
+from e2e_helpers import EdgeNode, Fleet, package_tarball, prepare_shards, unpack
 from mnist_edge import data
 
 pytestmark = pytest.mark.e2e
@@ -40,13 +40,8 @@ def started(tmp_path_factory: pytest.TempPathFactory, seed_path: Path) -> Iterat
     workdir = root / "node-0"
     unpack(tarball, workdir)
     fleet = Fleet(TestCombiner(), [EdgeNode("client-0", workdir, data_dir)])
-    try:
-        fleet.start(POLL)
-        seed_id = fleet.combiner.put_model(load_npz_params(seed_path))
-        fleet.wait_ready(READY_TIMEOUT)
+    with fleet.running(POLL, seed_path, READY_TIMEOUT) as seed_id:
         yield fleet, seed_id
-    finally:
-        fleet.kill()
 
 
 def restart_after_sigkill(fleet: Fleet, wait_for) -> None:

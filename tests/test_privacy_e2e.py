@@ -19,7 +19,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from combiner import TRAIN, TestCombiner
-from e2e_helpers import EdgeNode, Fleet, fedavg, load_npz_params, package_tarball, prepare_shards, unpack
+from e2e_helpers import EdgeNode, Fleet, fedavg, package_tarball, prepare_shards, unpack
 from mnist_edge import data, ledger
 from mnist_edge.node import LEDGER_NAME, STATE_DIR
 
@@ -60,13 +60,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory, seed_path: Path) -> Ite
         unpack(tarball, workdir)
         nodes.append(EdgeNode(f"client-{i}", workdir, data_dir, env=env))
     fleet = Fleet(TestCombiner(), nodes)
-    try:
-        fleet.start(POLL)
-        seed_id = fleet.combiner.put_model(load_npz_params(seed_path))
-        fleet.wait_ready(READY_TIMEOUT)
+    with fleet.running(POLL, seed_path, READY_TIMEOUT) as seed_id:
         yield fleet, seed_id, n_train
-    finally:
-        fleet.kill()
 
 
 @pytest.fixture(scope="module")
